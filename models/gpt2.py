@@ -1,0 +1,165 @@
+"""GPT-2 (Radford et al., 2019), written from scratch: the backbone and the language-model head.
+
+`GPT2Model` maps token ids to hidden states and also returns the representation of the last
+real (non-pad) token, which the classification heads read.  `GPT2LMHeadModel` adds the output
+layer, tied to the input embedding (the very same Parameter).  Both load any Hugging Face GPT-2
+checkpoint and save one that transformers reads back (see `models/hf_io.py`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import GPT2Config
+from modules.attention import KVCache, build_attention_mask
+from modules.gpt2_layer import GPT2Layer
+
+
+def last_token_index(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int,
+                     device: torch.device) -> torch.Tensor:
+    """Index of the last real token of each row, (B,). Works for right and left padding."""
+    if attention_mask is None:
+        return torch.full((batch_size,), seq_len - 1, device=device, dtype=torch.long)
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    # The last position holding a 1: T - 1 - (index of the first 1 in the reversed row).
+    return seq_len - 1 - mask.flip(1).argmax(dim=1)
+
+
+class GPT2PreTrainedModel(nn.Module):
+    """Shared by both model classes: initialisation, loading, saving, KV-cache management."""
+
+    config: GPT2Config
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's initialisation: N(0, 0.02) for weights, zero biases, unit LayerNorm."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def init_weights(self) -> None:
+        self.apply(self._init_weights)
+        # Residual projections scaled by 1/sqrt(2 * n_layer), as in GPT-2.
+        scaled_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("attention_dense.weight", "out_dense.weight")):
+                nn.init.normal_(p, mean=0.0, std=scaled_std)
+
+    @property
+    def backbone(self) -> "GPT2Model":
+        return self if isinstance(self, GPT2Model) else self.gpt
+
+    # ---- loading and saving ---------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str = "gpt2", tokenizer_dir: Optional[str] = None, **config_overrides):
+        """Load a Hugging Face GPT-2 checkpoint: a hub name (`gpt2`, `gpt2-medium`, ...) or a
+        local directory with `config.json` and `model.safetensors` or `pytorch_model.bin`.
+
+        `config_overrides` (e.g. dropout probabilities) replace values read from `config.json`.
+        """
+        from models.hf_io import load_hf_checkpoint
+
+        return load_hf_checkpoint(cls, model, **config_overrides)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` that transformers' GPT2LMHeadModel loads."""
+        from models.hf_io import save_hf_checkpoint
+
+        return save_hf_checkpoint(self.backbone, directory)
+
+    # ---- KV cache --------------------------------------------------------------------------
+    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                       device: Optional[torch.device] = None) -> None:
+        """Preallocate a KV cache of `max_len` slots in every attention layer."""
+        cfg, ref = self.config, self.backbone.word_embedding.weight
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"KV cache of {max_len} positions exceeds the model's "
+                             f"{cfg.max_position_embeddings} position embeddings")
+        for layer in self.backbone.gpt_layers:
+            layer.self_attention.kv_cache = KVCache(batch_size, cfg.num_attention_heads, max_len, cfg.head_dim,
+                                                    dtype or ref.dtype, device or ref.device)
+
+    def reorder_kv_cache(self, batch_index: torch.Tensor) -> None:
+        for layer in self.backbone.gpt_layers:
+            layer.self_attention.kv_cache.reorder(batch_index)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.backbone.gpt_layers:
+            layer.self_attention.kv_cache = None
+
+
+class GPT2Model(GPT2PreTrainedModel):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.word_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.gpt_layers = nn.ModuleList(GPT2Layer(config) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.init_weights()
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_dropout(self.word_embedding(input_ids) + self.pos_embedding(position_ids))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               position_ids: Optional[torch.Tensor] = None, cache_start: Optional[int] = None) -> torch.Tensor:
+        """Token ids (B, T) -> final hidden states (B, T, D).
+
+        `attention_mask` (B, S): 1 for real tokens, 0 for padding, over the S = cache_start + T
+        slots visible to the queries.  `position_ids` default to the slot index; generation with
+        left padding passes positions derived from the mask.  `cache_start` (an int) writes to
+        and reads from the KV cache set up by `setup_kv_cache`.
+        """
+        B, T = input_ids.shape
+        start = 0 if cache_start is None else cache_start
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's "
+                             f"{self.config.max_position_embeddings} positions; truncate the input")
+        mask, is_causal = build_attention_mask(attention_mask, T, start, input_ids.device)
+        h = self.embed(input_ids, position_ids)  # (B, T, D)
+        for layer in self.gpt_layers:
+            h = layer(h, mask, is_causal, cache_start)
+        return self.final_layer_norm(h)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Returns {'last_hidden_state': (B, T, D), 'last_token': (B, D)}; `last_token` is the
+        hidden state of each row's last non-pad position."""
+        h = self.encode(input_ids, attention_mask, position_ids)
+        B, T, _ = h.shape
+        idx = last_token_index(attention_mask, B, T, h.device)
+        return {"last_hidden_state": h, "last_token": h[torch.arange(B, device=h.device), idx]}
+
+    def hidden_state_to_token(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary through the tied input embedding: (..., D) -> (..., V)."""
+        return F.linear(hidden_state, self.word_embedding.weight)
+
+
+class GPT2LMHeadModel(GPT2PreTrainedModel):
+    """GPT-2 with its language-modelling head (tied to the input embedding)."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.gpt = GPT2Model(config)
+
+    @property
+    def lm_head_weight(self) -> nn.Parameter:
+        return self.gpt.word_embedding.weight  # tied: the same Parameter
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, cache_start: Optional[int] = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, V)."""
+        return self.gpt.hidden_state_to_token(self.gpt.encode(input_ids, attention_mask, position_ids, cache_start))

@@ -1,0 +1,56 @@
+"""Finding the GPT-2 BPE tokenizer (Radford et al., 2019; byte-level BPE, 50,257 tokens).
+
+Resolution order: an explicit directory (`--tokenizer DIR`), then the environment variable
+`GPT2_TOKENIZER_DIR`, then the model's checkpoint directory, then the hub's `gpt2` (through the
+Hugging Face cache).  A directory qualifies when it holds `vocab.json` and `merges.txt`.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+TOKENIZER_ENV = "GPT2_TOKENIZER_DIR"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return all((directory / f).is_file() for f in TOKENIZER_FILES)
+
+
+def resolve_tokenizer_dir(explicit: Optional[str] = None, model_dir: Optional[str] = None) -> str:
+    """The directory (or hub name) the tokenizer will be read from; see the module docstring."""
+    if explicit:
+        if not _has_tokenizer_files(Path(explicit)):
+            raise FileNotFoundError(f"--tokenizer {explicit}: expected vocab.json and merges.txt in that directory")
+        return str(explicit)
+    env = os.environ.get(TOKENIZER_ENV)
+    if env:
+        if not _has_tokenizer_files(Path(env)):
+            raise FileNotFoundError(f"{TOKENIZER_ENV}={env}: expected vocab.json and merges.txt in that directory")
+        return env
+    if model_dir and Path(model_dir).is_dir() and _has_tokenizer_files(Path(model_dir)):
+        return str(model_dir)
+    return "gpt2"
+
+
+@lru_cache(maxsize=4)
+def _load(source: str):
+    from transformers import GPT2TokenizerFast
+
+    try:
+        tok = GPT2TokenizerFast.from_pretrained(source)
+    except Exception as exc:
+        raise OSError(
+            f"could not load the GPT-2 tokenizer from {source!r} ({type(exc).__name__}: {exc}).\n"
+            f"Offline, point at a directory holding vocab.json and merges.txt with --tokenizer DIR "
+            f"or the environment variable {TOKENIZER_ENV}=DIR (this repository's CI uses ../shared/data/gpt2-tokenizer)."
+        ) from exc
+    tok.pad_token = tok.eos_token  # GPT-2 has no pad token; padding is masked out anyway
+    return tok
+
+
+def load_tokenizer(explicit: Optional[str] = None, model_dir: Optional[str] = None):
+    """The GPT-2 tokenizer (a `transformers.GPT2TokenizerFast`), with pad = EOS."""
+    return _load(resolve_tokenizer_dir(explicit, model_dir))

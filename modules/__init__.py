@@ -1,0 +1,1 @@
+"""Building blocks of GPT-2: attention (with its KV cache) and the transformer layer."""

@@ -1,0 +1,46 @@
+"""Shared test fixtures: the repository root on sys.path, the tokenizer, tiny random HF checkpoints."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TOKENIZER_DIR = Path(os.environ.get("GPT2_TOKENIZER_DIR", SHARED_DATA / "gpt2-tokenizer"))
+CS224N_DATA = SHARED_DATA / "cs224n"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_hf_config(**overrides):
+    import transformers
+
+    kwargs = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    kwargs.update(overrides)
+    return transformers.GPT2Config(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    if not (TOKENIZER_DIR / "vocab.json").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"GPT-2 tokenizer files missing at {TOKENIZER_DIR}")
+        pytest.skip(f"GPT-2 tokenizer files missing at {TOKENIZER_DIR}")
+    return TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory):
+    """(directory, transformers model) of a tiny random GPT-2 saved in HF format."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(tiny_hf_config()).eval()
+    directory = tmp_path_factory.mktemp("tiny-hf")
+    hf.save_pretrained(directory)
+    return directory, hf
