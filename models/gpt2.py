@@ -70,6 +70,27 @@ class GPT2PreTrainedModel(nn.Module):
 
         return load_hf_checkpoint(cls, model, **config_overrides)
 
+    @classmethod
+    def from_name_or_path(cls, spec: str, random_init: bool = False, **config_overrides):
+        """What `--model_size` means in every script.
+
+        `tiny` (or any preset with `random_init=True`) builds a randomly initialised model of that
+        shape without touching the network; a preset or hub name (`gpt2`, `gpt2-large`,
+        `openai-community/gpt2`) or a local HF checkpoint directory loads pretrained weights.  A
+        directory with `random_init=True` takes only the architecture from its `config.json`.
+        """
+        from config import PRESETS
+        from models.hf_io import read_hf_config
+
+        if spec == "tiny" or (random_init and spec.split("/")[-1] in PRESETS):
+            return cls(GPT2Config.from_name(spec, **config_overrides))
+        if random_init:
+            config = read_hf_config(Path(spec))
+            for key, value in config_overrides.items():
+                setattr(config, key, value)
+            return cls(config)
+        return cls.from_pretrained(spec, **config_overrides)
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `config.json` + `model.safetensors` that transformers' GPT2LMHeadModel loads."""
         from models.hf_io import save_hf_checkpoint
