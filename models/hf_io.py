@@ -87,8 +87,9 @@ def ours_to_hf(ours: list[torch.Tensor], kind: str) -> torch.Tensor:
 
 
 # ---- finding a checkpoint ------------------------------------------------------------------
-def resolve_checkpoint_dir(name_or_dir: str) -> Path:
-    """A local directory as is; otherwise a hub repository through the Hugging Face cache."""
+def resolve_checkpoint_dir(name_or_dir: str, allow_network: bool = True) -> Path:
+    """A local directory as is; otherwise a hub repository through the Hugging Face cache
+    (and, if `allow_network`, the hub itself)."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         return path
@@ -98,7 +99,7 @@ def resolve_checkpoint_dir(name_or_dir: str) -> Path:
         raise FileNotFoundError(f"checkpoint directory {name_or_dir} does not exist")
     repo = HUB_ALIASES.get(name_or_dir, name_or_dir)
     try:
-        return hub_snapshot(repo, ["config.json", "*.safetensors", "*.safetensors.index.json",
+        return hub_snapshot(repo, allow_network=allow_network, patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
                                    "pytorch_model*.bin", "pytorch_model.bin.index.json", "vocab.json", "merges.txt"])
     except Exception as exc:  # network down, repo missing, ...
         raise OSError(
@@ -111,13 +112,15 @@ def resolve_checkpoint_dir(name_or_dir: str) -> Path:
         ) from exc
 
 
-def hub_snapshot(repo: str, patterns: list[str]) -> Path:
+def hub_snapshot(repo: str, patterns: list[str], allow_network: bool = True) -> Path:
     """Files of a hub repository through the Hugging Face cache (the cache first, then the network)."""
     from huggingface_hub import snapshot_download
 
     try:  # offline machines that have the files cached never touch the network
         return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
     except Exception:
+        if not allow_network:
+            raise
         return Path(snapshot_download(repo, allow_patterns=patterns))
 
 
