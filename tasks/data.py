@@ -141,7 +141,10 @@ def _is_label(text: str) -> bool:
 def read_paraphrase(path: str | Path, labeled: bool = True) -> list[ParaphraseExample]:
     """Quora pairs in any of the layouts described in the module docstring.
 
-    `labeled=False` reads test files: an `is_duplicate` column, if present, is ignored.
+    `labeled=False` reads test files: an `is_duplicate` column, if present, is ignored.  With
+    `labeled=True` an EMPTY `is_duplicate` (two rows of the real quora-dev.csv, whose question holds
+    an unbalanced quote) gives `label=None` and a warning naming the lines: the row is kept, so it
+    gets a prediction, but it is neither trained on nor scored.  (The starter dropped such rows.)
     """
     rows = _rows(path)
     if not rows:
@@ -164,16 +167,26 @@ def read_paraphrase(path: str | Path, labeled: bool = True) -> list[ParaphraseEx
             raise DataError(f"{path}: no is_duplicate column (labels) in a headerless file of {n} columns")
         cols = {c: i for i, c in enumerate(names) if c}
         width, body = n, rows
-    out, ids = [], []
+    out, ids, unlabeled = [], [], []
     for line, fields in body:
         if len(fields) != width:
             raise DataError(f"{path}, line {line}: {len(fields)} tab-separated columns, expected {width}")
-        label = _parse_label(fields[cols["is_duplicate"]], 2, path, line, "is_duplicate") if labeled else None
+        label = None
+        if labeled:
+            raw = fields[cols["is_duplicate"]]
+            if raw.strip():
+                label = _parse_label(raw, 2, path, line, "is_duplicate")
+            else:
+                unlabeled.append(line)
         ex = ParaphraseExample(fields[cols["id"]].strip(), fields[cols["sentence1"]].strip(),
                                fields[cols["sentence2"]].strip(), label)
         out.append(ex)
         ids.append((ex.id, line))
     _check_nonempty_unique(path, ids)
+    if unlabeled:
+        print(f"warning: {path}: {len(unlabeled)} row(s) with an empty is_duplicate (lines "
+              f"{', '.join(map(str, unlabeled[:5]))}{', ...' if len(unlabeled) > 5 else ''}); they are kept "
+              f"for predictions but carry no label (not trained on, not scored)", file=sys.stderr)
     return out
 
 
