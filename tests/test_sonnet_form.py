@@ -100,3 +100,34 @@ def test_cli_prints_table(tmp_path, capsys):
     assert (tmp_path / "out.json").exists()
     with pytest.raises(SystemExit, match="paired in order"):
         evaluate_sonnets.main(["--generated", str(generated), "--gold", str(CS224N_DATA / "TRUE_sonnets_held_out_dev.txt")])
+
+
+def test_cli_gold_perplexity(tmp_path, capsys, tiny_hf_checkpoint, tokenizer_dir):
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    import evaluate_sonnets
+    from models.gpt2 import GPT2LMHeadModel
+    from models.tokenizer import load_tokenizer
+
+    directory, _ = tiny_hf_checkpoint
+    short = ["Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.",
+             "My mistress' eyes are nothing like the sun;\nCoral is far more red than her lips' red."]
+    gold = tmp_path / "gold.txt"
+    gold.write_text("Sonnets\n" + "".join(f"\n{i}\n\n{t}\n" for i, t in enumerate(short, start=1)))
+    generated = write_generated_sonnets(tmp_path / "gen.txt", [(1, short[1]), (2, short[0])])
+    result = evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold), "--model", str(directory),
+                                    "--tokenizer", str(tokenizer_dir)])
+    assert "gold ppl" in capsys.readouterr().out
+    model = GPT2LMHeadModel.from_pretrained(str(directory)).eval()
+    tok = load_tokenizer(str(tokenizer_dir))
+    total, count = 0.0, 0
+    for row, text in zip(result["rows"], short):
+        ids = torch.tensor([tok.encode(text)])
+        with torch.no_grad():
+            nll = F.cross_entropy(model(ids)[0, :-1], ids[0, 1:], reduction="sum").item()
+        assert row["gold_ppl"] == pytest.approx(math.exp(nll / (ids.size(1) - 1)), rel=1e-4)
+        total, count = total + nll, count + ids.size(1) - 1
+    assert result["overall"]["gold_ppl"] == pytest.approx(math.exp(total / count), rel=1e-4)
