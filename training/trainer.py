@@ -174,7 +174,7 @@ class Trainer:
                 self.log.write("stopped", task=task.name, epoch=epoch)
                 print(f"[{task.name}] stopped after epoch {epoch} (--stop_after_epoch); continue with --resume {self.run_dir}")
                 return FitResult(best_metrics, best_epoch, interrupted=True)
-            train_stats = self._train_epoch(epoch, opt, sched, scaler, data_gen)
+            train_stats = self.train_epoch(epoch, opt, sched, scaler, data_gen)
             metrics = self._evaluate()
             improved = self._better(metrics[task.metric], best)
             if improved:
@@ -200,7 +200,8 @@ class Trainer:
         self.log.write("done", task=task.name, best_epoch=best_epoch, best=best_metrics)
         return FitResult(best_metrics, best_epoch, interrupted=False)
 
-    def _train_epoch(self, epoch: int, opt, sched, scaler, data_gen: torch.Generator) -> dict:
+    def train_epoch(self, epoch: int, opt, sched, scaler, data_gen: torch.Generator) -> dict:
+        """One pass over the training batches (no evaluation, no checkpoint); returns its statistics."""
         args, task, device, model = self.args, self.task, self.device, self.model
         model.train()
         batches = bucketed_batches(task.train_lengths, args.batch_size, data_gen)
