@@ -163,6 +163,9 @@ class Trainer:
             self.log.write("resume", task=task.name, epoch=start_epoch)
             print(f"[{task.name}] resumed {last_path} after epoch {start_epoch}")
         else:
+            if last_path.exists() or best_path.exists():
+                raise SystemExit(f"{self.run_dir} already holds a run's checkpoints; continue that run with "
+                                 f"--resume RUN_DIR, or choose another --run_dir")
             self.log.write("start", task=task.name, trainable_params=trainable, total_params=total,
                            train_examples=len(task.train_lengths), steps=total_steps, warmup_steps=warmup,
                            args=plain_args(args))
