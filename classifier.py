@@ -88,7 +88,8 @@ def accuracy_f1(preds: list[int], labels: list[int], num_labels: int) -> dict:
     from sklearn.metrics import f1_score
 
     acc = sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
-    return {"accuracy": acc, "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels))))}
+    return {"accuracy": acc, "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
+                                                         zero_division=0))}
 
 
 def run_dataset(name: str, args: argparse.Namespace, tokenizer, device: torch.device, run_dir: Path) -> Optional[dict]:
@@ -113,11 +114,11 @@ def run_dataset(name: str, args: argparse.Namespace, tokenizer, device: torch.de
 
     def make_batch(indices):
         ids, mask = pad_right([seqs["train"][i] for i in indices], pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices]}
+        return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum())}
 
     def loss_fn(model, batch):
         logits = model(batch["input_ids"], batch["attention_mask"])
-        return F.cross_entropy(logits.float(), batch["labels"]), int(batch["attention_mask"].sum())
+        return F.cross_entropy(logits.float(), batch["labels"]), batch["tokens"]
 
     def predict(model, split) -> list[int]:
         logits = batched_inference(seqs[split], args.batch_size, pad_id, device, args.precision, model)
@@ -127,7 +128,7 @@ def run_dataset(name: str, args: argparse.Namespace, tokenizer, device: torch.de
         return accuracy_f1(predict(model, "dev"), [e.label for e in splits["dev"]], num_labels)
 
     task = TrainTask(name, [len(s) for s in seqs["train"]], make_batch, loss_fn, evaluate, metric="accuracy")
-    result = Trainer(model, task, args, device, run_dir / name, log).fit()
+    result = Trainer(model, task, args, device, run_dir / name, log, resume_dir=run_dir).fit()
     if result.interrupted:
         return None
     model.eval()
