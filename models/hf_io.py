@@ -87,8 +87,9 @@ def ours_to_hf(ours: list[torch.Tensor], kind: str) -> torch.Tensor:
 
 
 # ---- finding a checkpoint ------------------------------------------------------------------
-def resolve_checkpoint_dir(name_or_dir: str) -> Path:
-    """A local directory as is; otherwise a hub repository through the Hugging Face cache."""
+def resolve_checkpoint_dir(name_or_dir: str, allow_network: bool = True) -> Path:
+    """A local directory as is; otherwise a hub repository through the Hugging Face cache
+    (and, if `allow_network`, the hub itself)."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         return path
@@ -98,14 +99,8 @@ def resolve_checkpoint_dir(name_or_dir: str) -> Path:
         raise FileNotFoundError(f"checkpoint directory {name_or_dir} does not exist")
     repo = HUB_ALIASES.get(name_or_dir, name_or_dir)
     try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-                    "pytorch_model.bin.index.json", "vocab.json", "merges.txt"]
-        try:  # the local cache first, so offline machines that have it never touch the network
-            return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            return Path(snapshot_download(repo, allow_patterns=patterns))
+        return hub_snapshot(repo, allow_network=allow_network, patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                   "pytorch_model*.bin", "pytorch_model.bin.index.json", "vocab.json", "merges.txt"])
     except Exception as exc:  # network down, repo missing, ...
         raise OSError(
             f"could not load GPT-2 checkpoint {name_or_dir!r}: it is not a local directory and the "
@@ -115,6 +110,18 @@ def resolve_checkpoint_dir(name_or_dir: str) -> Path:
             f"`huggingface-cli download {repo} --local-dir DIR`, then pass DIR instead of the name "
             f"(--model_size DIR in the scripts); or use --model_size tiny for a random smoke-test model."
         ) from exc
+
+
+def hub_snapshot(repo: str, patterns: list[str], allow_network: bool = True) -> Path:
+    """Files of a hub repository through the Hugging Face cache (the cache first, then the network)."""
+    from huggingface_hub import snapshot_download
+
+    try:  # offline machines that have the files cached never touch the network
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        if not allow_network:
+            raise
+        return Path(snapshot_download(repo, allow_patterns=patterns))
 
 
 def _tensor_sources(directory: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -158,16 +165,13 @@ def load_state_into(backbone: torch.nn.Module, directory: Path) -> None:
     mapping = name_map(backbone.config.num_hidden_layers)
     params = dict(backbone.named_parameters())
     loaded: set[str] = set()
-    unexpected, mismatched, head_differs = [], [], False
+    unexpected, mismatched, head = [], [], None
     for raw_key, get in _tensor_sources(directory):
         key = raw_key.removeprefix("transformer.")
         if key.endswith(IGNORED_SUFFIXES):
             continue
-        if key == "lm_head.weight":  # tied to wte in GPT-2; an untied head is a different model
+        if key == "lm_head.weight":  # tied to wte in GPT-2; checked once wte is loaded
             head = get()
-            wte_src = params["word_embedding.weight"]
-            if "wte.weight" in loaded and not torch.equal(head.to(wte_src.dtype), wte_src.detach().cpu()):
-                head_differs = True
             continue
         if key not in mapping:
             unexpected.append(raw_key)
@@ -184,6 +188,9 @@ def load_state_into(backbone: torch.nn.Module, directory: Path) -> None:
             loaded.add(our_key)
         loaded.add(key)
     missing = sorted(k for ks, _ in mapping.values() for k in ks if k not in loaded)
+    wte = params["word_embedding.weight"].detach()
+    head_differs = (head is not None and "wte.weight" in loaded
+                    and not torch.equal(head.to(device=wte.device, dtype=wte.dtype), wte))
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))

@@ -39,8 +39,12 @@ def resolve_tokenizer_dir(explicit: Optional[str] = None, model_dir: Optional[st
 def _load(source: str):
     from transformers import GPT2TokenizerFast
 
+    from models.hf_io import HUB_ALIASES, hub_snapshot
+
     try:
-        tok = GPT2TokenizerFast.from_pretrained(source)
+        directory = source if Path(source).is_dir() else hub_snapshot(HUB_ALIASES.get(source, source),
+                                                                      list(TOKENIZER_FILES))
+        tok = GPT2TokenizerFast.from_pretrained(str(directory))
     except Exception as exc:
         raise OSError(
             f"could not load the GPT-2 tokenizer from {source!r} ({type(exc).__name__}: {exc}).\n"
@@ -52,5 +56,6 @@ def _load(source: str):
 
 
 def load_tokenizer(explicit: Optional[str] = None, model_dir: Optional[str] = None):
-    """The GPT-2 tokenizer (a `transformers.GPT2TokenizerFast`), with pad = EOS."""
+    """The GPT-2 tokenizer (a `transformers.GPT2TokenizerFast`, shared and cached: do not mutate
+    it; pass `padding_side=` per call instead), with pad = EOS."""
     return _load(resolve_tokenizer_dir(explicit, model_dir))
