@@ -155,25 +155,33 @@ def use_flex(backend: str, device: torch.device, dropout_active: bool, cached: b
 
 # ---- command line --------------------------------------------------------------------------
 def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --attention, --attention_window, --sparse_layers and --attention_backend."""
+    """Add --attention, --attention_window, --sparse_layers and --attention_backend.
+
+    A flag left out changes nothing: a new model gets the config defaults (dense, 64, all, auto)
+    and a checkpoint keeps the settings saved in its config.json.
+    """
     group = parser.add_argument_group("sparse attention")
-    group.add_argument("--attention", choices=PATTERNS, default="dense",
+    group.add_argument("--attention", choices=PATTERNS, default=None,
                        help="attention pattern of the sparse layers: dense (causal), logsparse (itself and keys "
-                            "2^j behind), local (the last --attention_window keys), hybrid (local + logsparse)")
-    group.add_argument("--attention_window", type=int, default=64,
-                       help="window W of the local and hybrid patterns: position l sees l-W+1 .. l")
-    group.add_argument("--sparse_layers", type=str, default="all",
+                            "2^j behind), local (the last --attention_window keys), hybrid (local + logsparse); "
+                            "default: dense, or what the checkpoint was saved with")
+    group.add_argument("--attention_window", type=int, default=None,
+                       help="window W of the local and hybrid patterns: position l sees l-W+1 .. l (default 64)")
+    group.add_argument("--sparse_layers", type=str, default=None,
                        help="which layers use --attention (the rest stay dense): all, even, odd, or "
-                            "comma-separated layer indices such as 0,2,5")
-    group.add_argument("--attention_backend", choices=BACKENDS, default="auto",
+                            "comma-separated layer indices such as 0,2,5 (default all)")
+    group.add_argument("--attention_backend", choices=BACKENDS, default=None,
                        help="sparse layers: sdpa (boolean mask, works everywhere), flex (block-sparse "
-                            "FlexAttention), auto (flex on CUDA without attention dropout, sdpa otherwise)")
+                            "FlexAttention), auto (flex on CUDA without attention dropout, sdpa otherwise; default)")
     return parser
 
 
 def attention_overrides(args: argparse.Namespace) -> dict:
-    """The GPT2Config overrides these flags ask for, for `from_name_or_path(spec, **overrides)`."""
-    if args.attention_window < 1:
-        raise ValueError(f"--attention_window {args.attention_window}: must be a positive integer")
-    parse_sparse_layers(args.sparse_layers, num_layers=None)  # syntax now; the range once the model is built
-    return {field: getattr(args, field) for field in FLAGS}
+    """The GPT2Config overrides these flags ask for (only the flags given), for
+    `from_name_or_path(spec, **overrides)`."""
+    out = {field: getattr(args, field) for field in FLAGS if getattr(args, field, None) is not None}
+    if "attention_window" in out and out["attention_window"] < 1:
+        raise ValueError(f"--attention_window {out['attention_window']}: must be a positive integer")
+    if "sparse_layers" in out:
+        parse_sparse_layers(out["sparse_layers"], num_layers=None)  # syntax now; the range once the model is built
+    return out

@@ -236,29 +236,16 @@ def test_compiled_flex_on_cpu():  # pragma: no cover
 
 
 # ---- KV cache ----------------------------------------------------------------------------------
-def _greedy(model, ids, attention_mask, steps, cached):
-    """Greedy decoding, left padding with positions from the mask; returns (tokens, step logits)."""
-    B = ids.size(0)
+def _uncached_greedy(model, ids, attention_mask, steps):
+    """Greedy decoding that re-runs the whole left-padded sequence every step (no KV cache)."""
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out, logits_seen = ids, []
-    if cached:
-        model.setup_kv_cache(B, ids.size(1) + steps)
-        logits = model(ids, attention_mask, pos, cache_start=0)[:, -1]
-    for step in range(steps):
-        if not cached:
-            logits = model(out, attention_mask if attention_mask is None else mask, pos)[:, -1]
-        logits_seen.append(logits)
-        nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
-        start = out.size(1)
+    out = ids
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(out, mask, pos)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         out = torch.cat([out, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-        if cached and step < steps - 1:
-            logits = model(nxt, None if attention_mask is None else mask, pos[:, -1:], cache_start=start)[:, -1]
-    if cached:
-        model.clear_kv_cache()
-    return out, torch.stack(logits_seen, 1)
+    return out
 
 
 CACHE_CASES = [(p, b, padded) for p in PATTERNS for b in ("sdpa", "flex") for padded in (False, True)
@@ -267,6 +254,7 @@ CACHE_CASES = [(p, b, padded) for p in PATTERNS for b in ("sdpa", "flex") for pa
 
 @pytest.mark.parametrize("pattern,backend,padded", CACHE_CASES)
 def test_cached_generation_equals_uncached(pattern, backend, padded):
+    """generate() (prefill + one token per step through the KV cache) == re-running everything."""
     model = _model(pattern, backend, layers="even" if pattern == "local" else "all", window=3)
     ids = torch.randint(0, 1000, (2, 7))
     attention_mask = None
@@ -274,10 +262,9 @@ def test_cached_generation_equals_uncached(pattern, backend, padded):
         attention_mask = torch.ones(2, 7, dtype=torch.long)
         attention_mask[0, :3] = 0
     with torch.no_grad():  # 7 + 10 tokens: past 2^4 = 16, so every LogSparse offset up to 16 is used
-        tokens, logits = _greedy(model, ids, attention_mask, 10, cached=True)
-        ref_tokens, ref_logits = _greedy(model, ids, attention_mask, 10, cached=False)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        tokens = model.generate(ids, attention_mask, max_new_tokens=10)
+        ref = _uncached_greedy(model, ids, attention_mask, 10)
+    assert torch.equal(tokens, ref)
 
 
 # ---- flags, config, backend choice -------------------------------------------------------------
@@ -325,8 +312,8 @@ def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, t
                               "--attention_backend", "sdpa"])
     overrides = attention_overrides(args)
     assert overrides == dict(attention="hybrid", attention_window=8, sparse_layers="odd", attention_backend="sdpa")
-    assert attention_overrides(parser.parse_args([])) == dict(attention="dense", attention_window=64,
-                                                              sparse_layers="all", attention_backend="auto")
+    assert attention_overrides(parser.parse_args([])) == {}  # nothing given: config / checkpoint decide
+    assert attention_overrides(parser.parse_args(["--attention", "local"])) == dict(attention="local")
     with pytest.raises(ValueError, match="--sparse_layers"):
         attention_overrides(parser.parse_args(["--sparse_layers", "first"]))
     with pytest.raises(ValueError, match="--attention_window"):
@@ -351,7 +338,8 @@ def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, t
     model = GPT2LMHeadModel.from_name_or_path(str(directory), **overrides)
     saved = model.save_pretrained(tmp_path / "sparse")
     assert json.loads((saved / "config.json").read_text())["sparse_attention"]["attention"] == "hybrid"
-    again = GPT2LMHeadModel.from_name_or_path(str(saved))
+    # Loaded without flags (a script run without them) it stays sparse.
+    again = GPT2LMHeadModel.from_name_or_path(str(saved), **attention_overrides(parser.parse_args([])))
     assert again.config.attention == "hybrid" and again.config.sparse_layers == "odd"
     ids = torch.randint(0, 1000, (1, 12))
     torch.testing.assert_close(again.eval()(ids), model.eval()(ids))
