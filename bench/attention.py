@@ -27,11 +27,8 @@ FlexAttention has no backward on CPU (torch 2.13), so CPU runs cover the SDPA pa
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import machine_description, median, sync, time_interleaved, write_results
 from modules.attention import attend, build_attention_mask
 from modules.attention_patterns import pattern_allows
 
@@ -61,7 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default cpu 3, cuda 10)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (cpu device); 1 by default: on a shared machine a second thread mostly waits")
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/attention_<device>.json)")
     p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -76,16 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for s in args.patterns:
         if s not in SPARSE:
             p.error(f"--patterns: unknown pattern {s!r}; choose from {', '.join(SPARSE)}")
-    args.out = args.out or ROOT / "bench" / "results" / f"attention_{args.device}.json"
     return args
 
 
 # ---- one variant ---------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -105,14 +96,14 @@ class Variant:
         self.grad_out = torch.randn(shape, generator=g, device=device, dtype=dtype)
         self.device = device
         for _ in range(2):  # the second build is timed: the first pays one-time set-up costs
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             if pattern == "dense":
                 self.mask, self.is_causal = build_attention_mask(None, T, 0, device)
             else:
                 self.mask, self.is_causal = build_attention_mask(None, T, 0, device, pattern=pattern,
                                                                  window=args.window, block_sparse=path == "flex")
-            _sync(device)
+            sync(device)
             self.mask_build_ms = 1e3 * (time.perf_counter() - start)
         self.mask_mb = mask_bytes(self.mask) / 2**20
         self.block_density = block_density(self.mask, T) if path == "flex" else None
@@ -122,23 +113,16 @@ class Variant:
         y.backward(self.grad_out)
         self.q.grad = self.k.grad = self.v.grad = None
 
-    def timed_step(self) -> float:
-        _sync(self.device)
-        start = time.perf_counter()
-        self.step()
-        _sync(self.device)
-        return 1e3 * (time.perf_counter() - start)
-
     def peak_mb(self) -> float:
         """Extra memory of one forward + backward over what already exists (after a warm-up run,
         which also compiles FlexAttention on CUDA)."""
         self.step()
-        _sync(self.device)
+        sync(self.device)
         if self.device.type == "cuda":
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.step()
-            _sync(self.device)
+            sync(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
         base = _rss_kib("VmRSS")
@@ -177,17 +161,13 @@ def run_variant(T: int, pattern: str, path: str, args, device: torch.device) -> 
     """Memory first (fresh process on CPU), then timing interleaved with the dense reference."""
     v = Variant(T, pattern, path, args, device)
     peak = v.peak_mb()
-    ref = None if pattern == "dense" else Variant(T, "dense", "sdpa", args, device, seed=1)
-    if ref is not None:
-        ref.step()  # warm-up
-    times, ref_times = [], []
-    for _ in range(args.repeats):
-        times.append(v.timed_step())
-        if ref is not None:
-            ref_times.append(ref.timed_step())
-    ms = statistics.median(times)
+    fns = {"variant": v.step}
+    if pattern != "dense":
+        fns["dense"] = Variant(T, "dense", "sdpa", args, device, seed=1).step
+    times = time_interleaved(fns, device, steps=args.repeats, warmup=1)
+    ms = 1e3 * median(times["variant"])
     return dict(T=T, pattern=pattern, path=path, ms=ms,
-                ratio_vs_dense=(ms / statistics.median(ref_times)) if ref_times else 1.0,
+                ratio_vs_dense=median(times["variant"]) / median(times["dense"]) if "dense" in times else 1.0,
                 peak_mb=peak, mask_build_ms=v.mask_build_ms, mask_mb=v.mask_mb,
                 block_density=v.block_density)
 
@@ -238,23 +218,19 @@ def main(argv=None) -> None:
     for r in rows:
         if r.get("peak_mb") is not None and dense_peak.get(r["T"]):
             r["peak_vs_dense"] = r["peak_mb"] / dense_peak[r["T"]]
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                torch=torch.__version__, device=args.device,
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                or platform.machine(), cpu_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+    meta = dict(device=args.device, machine=machine_description(device), cpus=os.cpu_count(),
                 batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                 window=args.window, repeats=args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    out = write_results(f"attention_{args.device}", dict(meta=meta, rows=rows))
     print()
-    print(table(rows, meta))
-    print(f"\nwrote {args.out}")
+    print(table(rows, {**meta, "date": json.loads(out.read_text())["date"]}))
+    print(f"\nwrote {out}")
 
 
 def table(rows: list[dict], meta: dict) -> str:
-    lines = [f"attention forward+backward, {meta['device']} ({meta['device_name']}), B={meta['batch']} "
+    lines = [f"attention forward+backward, {meta['device']} ({meta['machine']}), B={meta['batch']} "
              f"heads={meta['heads']} head_dim={meta['head_dim']} {meta['dtype']}, window={meta['window']}, "
-             f"torch {meta['torch']}, {meta['date']}", "",
+             f"torch {torch.__version__}, {meta['date']}", "",
              "| T | pattern | path | fwd+bwd ms | time / dense | peak MB | peak / dense | mask MB | mask build ms "
              "| pairs / causal | blocks / causal |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
