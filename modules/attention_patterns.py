@@ -122,13 +122,17 @@ def parse_sparse_layers(spec: str, num_layers: Optional[int]) -> list[int]:
 
 
 def layer_patterns(config) -> list[str]:
-    """The pattern of each layer of a GPT2Config; validates the attention fields."""
+    """The pattern of each layer of a GPT2Config; validates the attention fields (set by the
+    flags, or read from a checkpoint's config.json)."""
     if config.attention not in PATTERNS:
-        raise ValueError(f"--attention {config.attention!r}: choose one of {', '.join(PATTERNS)}")
+        raise ValueError(f"--attention (config field attention) {config.attention!r}: "
+                         f"choose one of {', '.join(PATTERNS)}")
     if config.attention_backend not in BACKENDS:
-        raise ValueError(f"--attention_backend {config.attention_backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"--attention_backend (config field attention_backend) {config.attention_backend!r}: "
+                         f"choose one of {', '.join(BACKENDS)}")
     if not isinstance(config.attention_window, int) or config.attention_window < 1:
-        raise ValueError(f"--attention_window {config.attention_window!r}: must be a positive integer")
+        raise ValueError(f"--attention_window (config field attention_window) {config.attention_window!r}: "
+                         f"must be a positive integer")
     sparse = set(parse_sparse_layers(config.sparse_layers, config.num_hidden_layers))
     return [config.attention if i in sparse else "dense" for i in range(config.num_hidden_layers)]
 
