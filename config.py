@@ -30,6 +30,12 @@ class GPT2Config:
     pad_token_id: int = EOS_TOKEN_ID  # GPT-2 has no pad token; the EOS token stands in
     eos_token_id: int = EOS_TOKEN_ID
     name: str = "custom"
+    # Sparse attention (modules/attention_patterns.py): the pattern of the sparse layers, the
+    # local window, which layers are sparse (the rest dense), and the execution path.
+    attention: str = "dense"  # dense | logsparse | local | hybrid
+    attention_window: int = 64
+    sparse_layers: str = "all"  # all | even | odd | comma-separated layer indices
+    attention_backend: str = "auto"  # auto | sdpa | flex
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
@@ -89,10 +95,17 @@ class GPT2Config:
             eos_token_id=hf.get("eos_token_id") or EOS_TOKEN_ID,
             pad_token_id=hf.get("pad_token_id") or hf.get("eos_token_id") or EOS_TOKEN_ID,
             name=name,
+            **{k: v for k, v in hf.get(SPARSE_ATTENTION_KEY, {}).items() if k in SPARSE_ATTENTION_FIELDS},
         )
 
     def to_hf_dict(self) -> dict:
-        """The `config.json` that `transformers.GPT2Config` reads back to this architecture."""
+        """The `config.json` that `transformers.GPT2Config` reads back to this architecture.
+
+        Non-default sparse-attention settings go under one extra key (`sparse_attention`) that
+        transformers keeps as an unused attribute and `from_hf_dict` reads back.
+        """
+        sparse = {k: getattr(self, k) for k in SPARSE_ATTENTION_FIELDS}
+        extra = {SPARSE_ATTENTION_KEY: sparse} if sparse != SPARSE_ATTENTION_DEFAULTS else {}
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -115,11 +128,17 @@ class GPT2Config:
             "bos_token_id": self.eos_token_id,
             "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": True,
+            **extra,
         }
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+SPARSE_ATTENTION_KEY = "sparse_attention"
+SPARSE_ATTENTION_FIELDS = ("attention", "attention_window", "sparse_layers", "attention_backend")
+SPARSE_ATTENTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPT2Config)
+                             if f.name in SPARSE_ATTENTION_FIELDS}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),

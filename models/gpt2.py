@@ -17,6 +17,7 @@ from torch import nn
 
 from config import GPT2Config
 from modules.attention import KVCache, build_attention_mask
+from modules.attention_patterns import layer_patterns, use_flex
 from modules.gpt2_layer import GPT2Layer
 
 
@@ -127,6 +128,7 @@ class GPT2Model(GPT2PreTrainedModel):
         self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.gpt_layers = nn.ModuleList(GPT2Layer(config) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_patterns = layer_patterns(config)  # "dense" or the sparse pattern, per layer
         self.init_weights()
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -148,9 +150,17 @@ class GPT2Model(GPT2PreTrainedModel):
         if start + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's "
                              f"{self.config.max_position_embeddings} positions; truncate the input")
-        mask, is_causal = build_attention_mask(attention_mask, T, start, input_ids.device)
+        # One mask per distinct pattern (sparse layers: a BlockMask on the FlexAttention path).
+        cfg = self.config
+        flex = use_flex(cfg.attention_backend, input_ids.device,
+                        dropout_active=self.training and cfg.attention_probs_dropout_prob > 0,
+                        cached=cache_start is not None) if cfg.attention != "dense" else False
+        masks = {p: build_attention_mask(attention_mask, T, start, input_ids.device, pattern=p,
+                                         window=cfg.attention_window, block_sparse=flex and p != "dense")
+                 for p in set(self.layer_patterns)}
         h = self.embed(input_ids, position_ids)  # (B, T, D)
-        for layer in self.gpt_layers:
+        for layer, pattern in zip(self.gpt_layers, self.layer_patterns):
+            mask, is_causal = masks[pattern]
             h = layer(h, mask, is_causal, cache_start)
         return self.final_layer_norm(h)
 

@@ -8,6 +8,10 @@ SDPA pick its fused kernels.
 The KV cache is preallocated to (B, n_head, max_len, head_dim) and indexed by slot: a
 forward with `cache_start=s` writes its keys and values at slots s..s+T-1 and attends over
 slots 0..s+T-1.  Generation prefills with the prompt, then feeds one token at a time.
+
+Sparse patterns (`modules/attention_patterns.py`) are masks on this same attention: a boolean
+SDPA mask, or a FlexAttention `BlockMask` that runs block-sparse (skipping key blocks no query
+of a block may see).  Both come from `build_attention_mask` and the one pattern function.
 """
 from __future__ import annotations
 
@@ -18,6 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import GPT2Config
+from modules.attention_patterns import attention_mask_mod, positions_from_mask
+
+try:  # FlexAttention (torch >= 2.5): the block-sparse path of sparse layers
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: only the SDPA path exists
+    BlockMask = create_block_mask = flex_attention = None
 
 
 class KVCache(nn.Module):
@@ -76,37 +86,75 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("cache_start given but no KV cache is set up (call setup_kv_cache first)")
             k, v = self.kv_cache.update(cache_start, k, v)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )  # (B, nh, T, hs)
+        y = attend(q, k, v, attn_mask, is_causal, self.dropout_p if self.training else 0.0)  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, D)
 
 
+_compiled_flex = None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of q (B, nh, T, hs) over k, v (B, nh, S, hs) -> (B, nh, T, hs).
+
+    `attn_mask` is None, a boolean (B|1, 1, T, S) tensor (SDPA), or a FlexAttention BlockMask
+    (block-sparse).  FlexAttention is compiled on GPUs (the fused kernel); on CPU it runs
+    eagerly, forward only (torch has no FlexAttention backward on CPU).
+    """
+    if BlockMask is None or not isinstance(attn_mask, BlockMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                              is_causal=is_causal and attn_mask is None, dropout_p=dropout_p)
+    if dropout_p > 0:
+        raise ValueError("FlexAttention has no attention dropout: set attention_probs_dropout_prob to 0 "
+                         "or use --attention_backend sdpa")
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise NotImplementedError("FlexAttention has no backward on CPU: train on CPU with "
+                                      "--attention_backend sdpa (or auto)")
+        return flex_attention(q, k, v, block_mask=attn_mask)
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, block_mask=attn_mask)
+
+
 def build_attention_mask(attention_mask: Optional[torch.Tensor], num_queries: int, cache_start: int,
-                         device: torch.device) -> tuple[Optional[torch.Tensor], bool]:
-    """The one mask builder: returns (boolean mask (B|1, 1, T, S) or None, is_causal).
+                         device: torch.device, pattern: str = "dense", window: int = 64,
+                         block_sparse: bool = False) -> tuple[Optional[object], bool]:
+    """The one mask builder: returns (mask or None, is_causal).
 
     `attention_mask` (B, S) marks real tokens (1) and padding (0) over every slot the queries
     may see, S = cache_start + T (a (B, T) mask is accepted when cache_start is 0).
-    Query i sits at slot cache_start + i and sees slots <= its own that are not padding.
-    Every query also sees itself, so a padded query never gets an empty row (and NaNs).
+    Query i sits at slot cache_start + i and sees slots <= its own that are not padding and
+    that `pattern` allows (see `modules/attention_patterns.py`; positions come from the mask,
+    cumsum - 1, so patterns act on positions under left padding).  Every query also sees
+    itself, so a padded query never gets an empty row (and NaNs).
+
+    The mask is a boolean tensor (B|1, 1, T, S) for SDPA, or with `block_sparse=True` a
+    FlexAttention BlockMask made from the very same mask_mod.  Dense attention without
+    padding returns (None, True) so SDPA can use its fused causal kernels.
     """
     T, S = num_queries, cache_start + num_queries
-    if attention_mask is None:
+    if attention_mask is None and pattern == "dense" and not block_sparse:
         if cache_start == 0:
             return None, True
         if T == 1:
             return None, False  # one new token sees every filled slot
-    q_slot = torch.arange(cache_start, S, device=device)
-    k_slot = torch.arange(S, device=device)
-    allowed = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+    key_valid = positions = None
     if attention_mask is not None:
         if attention_mask.size(-1) != S:
             raise ValueError(f"attention_mask covers {attention_mask.size(-1)} positions; expected {S} "
                              f"(cached {cache_start} + new {T})")
-        key_ok = attention_mask.to(device=device, dtype=torch.bool)[:, None, :]  # (B, 1, S)
-        allowed = (allowed[None] & key_ok) | (k_slot[None, :] == q_slot[:, None])[None]  # (B, T, S)
-    else:
-        allowed = allowed[None]
-    return allowed[:, None], False  # (B|1, 1, T, S)
+        key_valid = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
+        if pattern != "dense":
+            positions = positions_from_mask(key_valid)  # (B, S)
+    mask_mod = attention_mask_mod(pattern, window, cache_start, key_valid, positions)
+    B = 1 if key_valid is None else key_valid.size(0)
+    if block_sparse:
+        if create_block_mask is None:
+            raise RuntimeError(f"block-sparse attention needs FlexAttention (torch >= 2.5); torch is {torch.__version__}")
+        return create_block_mask(mask_mod, None if key_valid is None else B, None, T, S, device=device), False
+    b = torch.arange(B, device=device, dtype=torch.int32)[:, None, None, None]
+    q_idx = torch.arange(T, device=device, dtype=torch.int32)[None, None, :, None]
+    kv_idx = torch.arange(S, device=device, dtype=torch.int32)[None, None, None, :]
+    return mask_mod(b, 0, q_idx, kv_idx).expand(B, 1, T, S), False  # (B|1, 1, T, S)
