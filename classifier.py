@@ -26,6 +26,7 @@ from tasks.data import read_sentiment, write_sentiment_predictions
 from training.batching import pad_right
 from training.build import build_model, load_tokenizer_for, seed_everything, select_device
 from training.cli import add_common_args, check_common_args
+from training.efficient import freeze
 from training.inference import batched_inference
 from training.trainer import MetricsLog, Trainer, TrainTask, default_run_dir
 
@@ -35,16 +36,18 @@ DATASETS = {"sst": 5, "cfimdb": 2}
 class GPT2SentimentClassifier(nn.Module):
     """GPT-2 backbone -> last non-pad token's hidden state -> dropout -> linear over the classes."""
 
+    head_modules = ("classifier_head",)  # trained alongside LoRA adapters; kept by --freeze all-but-head
+
     def __init__(self, gpt: GPT2Model, num_labels: int, hidden_dropout_prob: float, fine_tune_mode: str):
         super().__init__()
         self.gpt = gpt
         self.num_labels = num_labels
         if fine_tune_mode not in ("last-linear-layer", "full-model"):
             raise ValueError(f"--fine-tune-mode must be last-linear-layer or full-model, got {fine_tune_mode!r}")
-        for p in self.gpt.parameters():
-            p.requires_grad = fine_tune_mode == "full-model"
         self.dropout = nn.Dropout(hidden_dropout_prob)
         self.classifier_head = nn.Linear(gpt.config.hidden_size, num_labels)
+        # last-linear-layer is the shared freezing mechanism's all-but-head mode.
+        freeze(self, "all-but-head" if fine_tune_mode == "last-linear-layer" else "none")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         last = self.gpt(input_ids, attention_mask)["last_token"]  # (B, D)
@@ -67,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p, epochs=10, batch_size=8, lr=1e-3)
     args = p.parse_args(argv)
     check_common_args(args)
+    if args.fine_tune_mode == "last-linear-layer" and (args.peft != "none" or args.freeze != "none"):
+        p.error("--fine-tune-mode last-linear-layer (the default) already freezes all but the classifier head; "
+                "with --peft or --freeze pass --fine-tune-mode full-model")
     if not 0 <= args.hidden_dropout_prob < 1:
         p.error(f"--hidden_dropout_prob must be in [0, 1), got {args.hidden_dropout_prob}")
     return args

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -120,6 +121,8 @@ class GPT2PreTrainedModel(nn.Module):
 
 
 class GPT2Model(GPT2PreTrainedModel):
+    gradient_checkpointing: bool = False  # recompute layers in backward (training.efficient.set_grad_checkpointing)
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -161,8 +164,15 @@ class GPT2Model(GPT2PreTrainedModel):
         h = self.embed(input_ids, position_ids)  # (B, T, D)
         for layer, pattern in zip(self.gpt_layers, self.layer_patterns):
             mask, is_causal = masks[pattern]
-            h = layer(h, mask, is_causal, cache_start)
+            h = self.run_layer(layer, h, mask, is_causal, cache_start)
         return self.final_layer_norm(h)
+
+    def run_layer(self, layer: GPT2Layer, h: torch.Tensor, *layer_args) -> torch.Tensor:
+        """One transformer layer; under `gradient_checkpointing` in training its activations are
+        recomputed in the backward pass (same dropout masks: the RNG state is replayed)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, h, *layer_args, use_reentrant=False)
+        return layer(h, *layer_args)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from training.efficient import add_efficiency_args, check_efficiency_args
+
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_size: int = 8,
                     lr: float = 1e-5, model_size: str = "gpt2") -> argparse.ArgumentParser:
@@ -49,6 +51,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_
                    help="stop (as if interrupted) after this many epochs, leaving a resumable checkpoint")
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples of every split (smoke runs)")
     g.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
+    add_efficiency_args(parser)
     try:
         from modules.attention_patterns import add_attention_args
     except ImportError:
@@ -80,3 +83,4 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     if args.max_length is not None and args.max_length < 8:
         raise SystemExit(f"--max_length must be >= 8, got {args.max_length}")
+    check_efficiency_args(args)

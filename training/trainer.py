@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training import checkpoint
+from training import checkpoint, efficient
 from training.batching import bucketed_batches
 from training.build import autocast, count_parameters
 
@@ -111,6 +111,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume_dir = Path(resume_dir or run_dir)
         self.log = log or MetricsLog(self.run_dir / "metrics.jsonl")
+        # --peft / --freeze / --grad_checkpointing, applied once before the optimiser sees the parameters.
+        self.efficiency = efficient.prepare_model(self._module(), args)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _better(self, value: float, best: Optional[float]) -> bool:
@@ -150,13 +152,15 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         data_gen = torch.Generator().manual_seed(args.seed)
         trainable, total = count_parameters(model)
+        efficient.reset_peak_memory(device)
+        report = efficient.efficiency_report(self._module(), device)
         start_epoch, best, best_epoch, best_metrics = 0, None, None, {}
         last_path, best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
 
         if args.resume and last_path.is_file():
             ckpt = checkpoint.load(last_path)
             self._check_resume_args(ckpt["args"])
-            self._module().load_state_dict(ckpt["model"])
+            efficient.load_model_state(self._module(), ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -170,10 +174,12 @@ class Trainer:
                 raise SystemExit(f"{self.run_dir} already holds a run's checkpoints; continue that run with "
                                  f"--resume RUN_DIR, or choose another --run_dir")
             self.log.write("start", task=task.name, trainable_params=trainable, total_params=total,
+                           trainable_pct=report["trainable_pct"], efficiency=self.efficiency,
                            train_examples=len(task.train_lengths), steps=total_steps, warmup_steps=warmup,
                            args=plain_args(args))
         print(f"[{task.name}] parameters: {trainable:,} trainable / {total:,} total; "
               f"{len(task.train_lengths):,} training examples, {total_steps} optimiser steps; run dir {self.run_dir}")
+        print(f"[{task.name}] {efficient.format_report(report)}")
 
         for epoch in range(start_epoch, args.epochs):
             if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
@@ -185,25 +191,33 @@ class Trainer:
             improved = self._better(metrics[task.metric], best)
             if improved:
                 best, best_epoch, best_metrics = metrics[task.metric], epoch + 1, metrics
-                checkpoint.save_atomic({"model": self._module().state_dict(), "epoch": epoch + 1,
+                checkpoint.save_atomic({"model": efficient.model_state(self._module()), "epoch": epoch + 1,
                                         "metrics": metrics}, best_path)
             checkpoint.save_atomic({
-                "model": self._module().state_dict(), "optimizer": opt.state_dict(),
+                "model": efficient.model_state(self._module()), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 "rng": checkpoint.rng_state(data_gen), "epoch": epoch + 1, "best_metric": best,
                 "best_epoch": best_epoch, "best_metrics": best_metrics, "args": plain_args(args),
             }, last_path)
-            self.log.write("epoch", task=task.name, epoch=epoch + 1, **train_stats,
-                           dev=metrics, best_epoch=best_epoch)
+            report = efficient.efficiency_report(self._module(), device)
+            self.log.write("epoch", task=task.name, epoch=epoch + 1, **train_stats, dev=metrics, best_epoch=best_epoch,
+                           peak_memory_bytes=report["peak_memory_bytes"], peak_memory_kind=report["peak_memory_kind"])
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"[{task.name}] epoch {epoch + 1}: train loss {train_stats['train_loss']:.4f}, "
                   f"{train_stats['tokens_per_s']:.0f} tokens/s; dev {shown}{' (best)' if improved else ''}")
 
         if best_path.is_file():
-            self._module().load_state_dict(checkpoint.load(best_path)["model"])
+            efficient.load_model_state(self._module(), checkpoint.load(best_path)["model"])
         else:  # no epoch trained (--epochs 0): evaluate the model as it is
             best_metrics = self._evaluate()
-        self.log.write("done", task=task.name, best_epoch=best_epoch, best=best_metrics)
+        report = efficient.efficiency_report(self._module(), device)
+        print(f"[{task.name}] {efficient.format_report(report)}")
+        if getattr(args, "merge_lora", False):
+            efficient.merge_lora(self._module())
+            print(f"[{task.name}] merged the LoRA adapters into the weights (--merge_lora)")
+        self.log.write("done", task=task.name, best_epoch=best_epoch, best=best_metrics,
+                       **{k: report[k] for k in ("trainable_params", "total_params", "trainable_pct",
+                                                 "peak_memory_bytes", "peak_memory_kind")})
         return FitResult(best_metrics, best_epoch, interrupted=False)
 
     def train_epoch(self, epoch: int, opt, sched, scaler, data_gen: torch.Generator) -> dict:

@@ -1,0 +1,390 @@
+"""Parameter- and memory-efficient fine-tuning: LoRA through `peft`, layer freezing, gradient
+checkpointing, and the accounting (trainable parameters, peak memory) every run prints.
+
+LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") replaces a frozen
+linear layer y = x W^T + b by y = x W^T + b + (alpha / r) * dropout(x) A^T B^T with A (r, in) random and
+B (out, r) zero, so a freshly adapted model computes exactly what the base model does.  The adapter
+layers are `peft`'s own (`LoraModel`, the engine behind `inject_adapter_in_model`), injected in
+place into OUR modules: the model keeps its class and methods (`generate`, `lm_head_weight`,
+`hidden_state_to_token`), and the output embedding stays the very Parameter of the input embedding
+(LoRA never targets it, nor copies it).  Task heads (e.g. `classifier_head`) train alongside through
+peft's `modules_to_save`.  `merge_lora` folds the adapters into the base weights with peft's
+`merge_and_unload` for inference and generation.
+
+Layer freezing (`freeze`) is one mechanism for every mode, including the classifier's
+`last-linear-layer` (= `all-but-head`).  Gradient checkpointing (Chen et al., 2016, "Training Deep
+Nets with Sublinear Memory Cost") recomputes each transformer layer in the backward pass instead of
+storing its activations (`GPT2Model.gradient_checkpointing`).
+
+Everything is reachable from the command line of every training script through
+`add_efficiency_args` (called by `training.cli.add_common_args`) and `prepare_model` (called by the
+shared `Trainer`).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+# ---- LoRA targets -----------------------------------------------------------------------------
+# Module-name suffixes of the linear layers inside each GPT2Layer (the CS224N names).
+LORA_MODULES = {
+    "query": "self_attention.query",
+    "key": "self_attention.key",
+    "value": "self_attention.value",
+    "attention_dense": "attention_dense",  # attention output projection
+    "interm_dense": "interm_dense",  # MLP up-projection
+    "out_dense": "out_dense",  # MLP down-projection
+}
+LORA_TARGET_GROUPS = {
+    "qv": ["query", "value"],  # the LoRA paper's choice
+    "qkv": ["query", "key", "value"],
+    "attn": ["query", "key", "value", "attention_dense"],
+    "mlp": ["interm_dense", "out_dense"],
+    "all": list(LORA_MODULES),  # every linear layer of every transformer block
+}
+ADAPTER_FORMAT = "lora-adapter"
+FREEZE_MODES = ("none", "embeddings", "first-half", "first-n", "all-but-head")
+
+
+def resolve_lora_targets(spec: str | Sequence[str]) -> list[str]:
+    """`--lora_targets` -> module-name suffixes for peft's `target_modules`.
+
+    `spec` is a comma-separated list (or a list) of groups (qv, qkv, attn, mlp, all) and single layers
+    (query, key, value, attention_dense, interm_dense, out_dense); the union, in a fixed order.
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen: set[str] = set()
+    for item in (s.strip() for s in items):
+        if item in LORA_TARGET_GROUPS:
+            chosen.update(LORA_TARGET_GROUPS[item])
+        elif item in LORA_MODULES:
+            chosen.add(item)
+        elif item in LORA_MODULES.values():
+            chosen.add(next(k for k, v in LORA_MODULES.items() if v == item))
+        else:
+            raise ValueError(f"--lora_targets: unknown target {item!r}; use groups {sorted(LORA_TARGET_GROUPS)} "
+                             f"or layers {list(LORA_MODULES)}, comma-separated")
+    if not chosen:
+        raise ValueError("--lora_targets: no target given")
+    return [LORA_MODULES[k] for k in LORA_MODULES if k in chosen]
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA hyper-parameters; stored in every adapter checkpoint."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: resolve_lora_targets("attn"))
+    modules_to_save: list[str] = field(default_factory=list)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _backbone(model: nn.Module):
+    """The GPT2Model inside `model` (the model itself, `.gpt`, or any submodule)."""
+    from models.gpt2 import GPT2Model
+
+    for module in model.modules():
+        if isinstance(module, GPT2Model):
+            return module
+    raise TypeError(f"{type(model).__name__} contains no GPT2Model")
+
+
+def _tied_pairs(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """(module, parameter name, id of the tensor) for every registered parameter, to check ties."""
+    return [(m, n, id(p)) for m in model.modules() for n, p in m._parameters.items() if p is not None]
+
+
+def lora_settings(model: nn.Module) -> Optional[LoraSettings]:
+    """The settings of the LoRA adapters applied to `model` by `apply_lora`, or None."""
+    entry = model.__dict__.get("_lora")
+    return entry[0] if entry else None
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
+               targets: str | Sequence[str] = "attn", modules_to_save: Optional[Iterable[str]] = None) -> nn.Module:
+    """Inject peft LoRA adapters into `model` in place and return it.
+
+    Every parameter of the base model is frozen; the adapters (lora_A random, lora_B zero) and the
+    modules named in `modules_to_save` (e.g. `classifier_head`, wrapped by peft's ModulesToSaveWrapper,
+    which trains a copy and keeps the original) are trainable.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    if lora_settings(model) is not None or any(n.endswith(".lora_A") for n, _ in model.named_modules()):
+        raise ValueError("the model already has LoRA adapters")
+    if r < 1:
+        raise ValueError(f"--lora_r must be >= 1, got {r}")
+    if alpha <= 0:
+        raise ValueError(f"--lora_alpha must be > 0, got {alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {dropout}")
+    settings = LoraSettings(r=int(r), alpha=float(alpha), dropout=float(dropout),
+                            targets=resolve_lora_targets(targets), modules_to_save=list(modules_to_save or []))
+    names = {n for n, _ in model.named_modules()}
+    for head in settings.modules_to_save:
+        if head not in names:
+            raise ValueError(f"modules_to_save: {type(model).__name__} has no module {head!r}")
+    backbone = _backbone(model)
+    embedding = backbone.word_embedding.weight
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), modules_to_save=settings.modules_to_save or None,
+                        bias="none")
+    training = model.training
+    tuner = LoraModel(model, config, adapter_name="default")  # what peft.inject_adapter_in_model does
+    model.train(training)  # the new modules (LoRA dropout) start in training mode; follow the model's mode
+    if backbone.word_embedding.weight is not embedding:
+        raise AssertionError("LoRA replaced the (tied) word embedding")
+    # Keep the tuner (for merge_and_unload) without registering it as a submodule (it holds `model`).
+    model.__dict__["_lora"] = (settings, tuner)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights (W <- W + alpha/r * B A) with peft's `merge_and_unload`;
+    afterwards the model holds plain nn.Linear layers again (and the trained head in place of the
+    original one).  Returns the same model object."""
+    entry = model.__dict__.pop("_lora", None)
+    if entry is None:
+        raise ValueError("merge_lora: the model has no LoRA adapters (apply_lora was not called on it)")
+    settings, tuner = entry
+    embedding = _backbone(model).word_embedding.weight
+    merged = tuner.merge_and_unload(safe_merge=True)
+    if merged is not model or _backbone(model).word_embedding.weight is not embedding:
+        raise AssertionError("merge_and_unload did not merge in place or replaced the tied embedding")
+    model.__dict__["_lora_merged"] = settings
+    return model
+
+
+# ---- adapter checkpoints ----------------------------------------------------------------------
+def adapter_state(model: nn.Module) -> dict:
+    """An adapter-only checkpoint: {'format', 'lora': hyper-parameters, 'tensors': adapters + heads}."""
+    from peft import get_peft_model_state_dict
+
+    settings = lora_settings(model)
+    if settings is None:
+        raise ValueError("adapter_state: the model has no LoRA adapters")
+    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+    return {"format": ADAPTER_FORMAT, "lora": settings.to_dict(), "tensors": tensors}
+
+
+def load_adapter_state(model: nn.Module, state: dict) -> nn.Module:
+    """Load an `adapter_state` checkpoint on top of the base `model`: applies LoRA with the stored
+    hyper-parameters first when the model has none yet, then copies the adapters and heads in."""
+    from peft import set_peft_model_state_dict
+
+    if state.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"not a LoRA adapter checkpoint (format {state.get('format')!r})")
+    saved = LoraSettings(**state["lora"])
+    current = lora_settings(model)
+    if current is None:
+        apply_lora(model, saved.r, saved.alpha, saved.dropout, saved.targets, saved.modules_to_save)
+    elif current != saved:
+        raise ValueError(f"adapter checkpoint made with LoRA {saved.to_dict()}, the model has {current.to_dict()}")
+    expected = set(adapter_state(model)["tensors"])
+    given = set(state["tensors"])
+    if expected != given:
+        raise ValueError(f"adapter checkpoint does not match the model: missing {sorted(expected - given)[:5]}, "
+                         f"unexpected {sorted(given - expected)[:5]}")
+    result = set_peft_model_state_dict(model, state["tensors"], adapter_name="default")
+    if result.unexpected_keys:
+        raise ValueError(f"adapter checkpoint keys not in the model: {result.unexpected_keys[:5]}")
+    return model
+
+
+def model_state(model: nn.Module) -> dict:
+    """What a checkpoint stores of the model: adapters + heads + LoRA settings for a LoRA model,
+    the full state dict otherwise."""
+    return adapter_state(model) if lora_settings(model) is not None else model.state_dict()
+
+
+def load_model_state(model: nn.Module, state: dict) -> None:
+    """Inverse of `model_state`."""
+    if state.get("format") == ADAPTER_FORMAT:
+        load_adapter_state(model, state)
+    else:
+        model.load_state_dict(state)
+
+
+# ---- freezing ---------------------------------------------------------------------------------
+def freeze(model: nn.Module, mode: str, n_layers: Optional[int] = None,
+           head: Optional[Iterable[str]] = None) -> list[str]:
+    """Set `requires_grad=False` on a part of the model; returns the names of the frozen parameters.
+
+    none: nothing; embeddings: token and position embeddings (for an LM, the tied output layer too);
+    first-half: the embeddings and the first num_hidden_layers // 2 transformer layers; first-n: the
+    embeddings and the first `n_layers` layers; all-but-head: everything outside the head modules
+    (`head`, default `model.head_modules`) -- the classifier's `last-linear-layer` mode.
+    Freezing only ever turns gradients off, and it freezes LoRA adapters inside frozen layers too.
+    """
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"--freeze must be one of {FREEZE_MODES}, got {mode!r}")
+    if mode == "none":
+        return []
+    if mode == "all-but-head":
+        heads = list(head if head is not None else getattr(model, "head_modules", ()))
+        if not heads:
+            raise ValueError(f"--freeze all-but-head: {type(model).__name__} has no separate head (an LM's output "
+                             f"layer is its tied input embedding); use embeddings, first-half or first-n")
+        names = {n for n, _ in model.named_modules()}
+        for h in heads:
+            if h not in names:
+                raise ValueError(f"--freeze all-but-head: {type(model).__name__} has no module {h!r}")
+        modules = [model]
+        skip = tuple(f"{h}." for h in heads)
+    else:
+        backbone = _backbone(model)
+        n_total = len(backbone.gpt_layers)
+        if mode == "first-half":
+            n_layers = n_total // 2
+        elif mode == "first-n":
+            if n_layers is None or not 1 <= n_layers <= n_total:
+                raise ValueError(f"--freeze first-n needs --freeze_layers N with 1 <= N <= {n_total}, got {n_layers}")
+        else:
+            n_layers = 0
+        modules = [backbone.word_embedding, backbone.pos_embedding, *backbone.gpt_layers[:n_layers]]
+        skip = ()
+    frozen = []
+    prefix = {id(m): n for n, m in model.named_modules()}
+    for module in modules:
+        for name, p in module.named_parameters():
+            full = f"{prefix[id(module)]}.{name}".lstrip(".")
+            if skip and full.startswith(skip):
+                continue
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(full)
+    return frozen
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> None:
+    """Recompute every transformer layer in the backward pass (training mode only)."""
+    from models.gpt2 import GPT2Model
+
+    found = False
+    for module in model.modules():
+        if isinstance(module, GPT2Model):
+            module.gradient_checkpointing = enabled
+            found = True
+    if not found:
+        raise TypeError(f"--grad_checkpointing: {type(model).__name__} contains no GPT2Model")
+
+
+# ---- accounting -------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new CUDA peak (the CPU's peak RSS is the process's and cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device | str) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA max allocated on a GPU, the process's peak RSS on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+def efficiency_report(model: nn.Module, device: torch.device | str) -> dict:
+    """Trainable and total parameters (tied tensors once), their share, and peak memory so far."""
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    peak, kind = peak_memory(device)
+    settings = lora_settings(model)
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_pct": 100.0 * trainable / max(total, 1), "peak_memory_bytes": peak,
+            "peak_memory_kind": kind, "lora": settings.to_dict() if settings else None,
+            "grad_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())}
+
+
+def format_report(report: dict) -> str:
+    what = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "peak RSS"}[report["peak_memory_kind"]]
+    return (f"trainable parameters {report['trainable_params']:,} of {report['total_params']:,} "
+            f"({report['trainable_pct']:.3f}%); {what} {report['peak_memory_bytes'] / 2**30:.2f} GiB")
+
+
+# ---- command line -----------------------------------------------------------------------------
+def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parameter- and memory-efficient fine-tuning")
+    g.add_argument("--peft", choices=["none", "lora"], default="none",
+                   help="lora: freeze the base model and train peft LoRA adapters (plus the task head, if any); "
+                        "checkpoints then hold only adapters, head and LoRA hyper-parameters")
+    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank r")
+    g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha / r")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
+    g.add_argument("--lora_targets", type=str, default="attn",
+                   help="layers to adapt, comma-separated: groups qv, qkv, attn (q,k,v,out), mlp, all, or layers "
+                        + ", ".join(LORA_MODULES))
+    g.add_argument("--merge_lora", action="store_true",
+                   help="after training, merge the adapters into the weights (W + alpha/r * B A) for prediction "
+                        "and generation")
+    g.add_argument("--freeze", choices=list(FREEZE_MODES), default="none",
+                   help="freeze part of the model: embeddings; first-half (embeddings + first half of the layers); "
+                        "first-n (embeddings + first --freeze_layers layers); all-but-head (train the task head only)")
+    g.add_argument("--freeze_layers", type=int, default=None, metavar="N", help="layers frozen by --freeze first-n")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each transformer layer in the backward pass: less activation memory, ~1/3 "
+                        "more compute")
+
+
+def check_efficiency_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent values with a message naming the flag."""
+    lora = args.peft == "lora"
+    if lora:
+        if args.lora_r < 1:
+            raise SystemExit(f"--lora_r must be >= 1, got {args.lora_r}")
+        if args.lora_alpha <= 0:
+            raise SystemExit(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+        if not 0 <= args.lora_dropout < 1:
+            raise SystemExit(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+        try:
+            resolve_lora_targets(args.lora_targets)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if args.freeze == "all-but-head":
+            raise SystemExit("--peft lora with --freeze all-but-head would freeze every adapter; drop one of them")
+    elif args.merge_lora:
+        raise SystemExit("--merge_lora needs --peft lora")
+    if (args.freeze == "first-n") != (args.freeze_layers is not None):
+        raise SystemExit("--freeze_layers N goes with --freeze first-n (and --freeze first-n needs --freeze_layers)")
+
+
+def prepare_model(model: nn.Module, args: argparse.Namespace, head: Optional[Iterable[str]] = None) -> dict:
+    """Apply `--peft`, `--freeze` and `--grad_checkpointing` to `model` (in place, once); returns the
+    settings applied.  `head` (default: `model.head_modules`) names the task head modules that train
+    alongside LoRA adapters and that `--freeze all-but-head` keeps trainable."""
+    done = model.__dict__.get("_efficiency_prepared")
+    if done is not None:
+        return done
+    heads = list(head if head is not None else getattr(model, "head_modules", ()))
+    applied = {"peft": getattr(args, "peft", "none"), "freeze": getattr(args, "freeze", "none"),
+               "grad_checkpointing": bool(getattr(args, "grad_checkpointing", False))}
+    if applied["peft"] == "lora":
+        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, modules_to_save=heads)
+        applied["lora"] = lora_settings(model).to_dict()
+    frozen = freeze(model, applied["freeze"], getattr(args, "freeze_layers", None), head=heads)
+    applied["frozen_tensors"] = len(frozen)
+    if applied["peft"] == "lora" and not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
+        raise SystemExit(f"--freeze {applied['freeze']} froze every LoRA adapter (--lora_targets {args.lora_targets}); "
+                         f"freeze fewer layers or adapt other ones")
+    if applied["grad_checkpointing"]:
+        set_grad_checkpointing(model, True)
+    model.__dict__["_efficiency_prepared"] = applied
+    return applied
