@@ -184,3 +184,10 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                 position_ids: Optional[torch.Tensor] = None, cache_start: Optional[int] = None) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, V)."""
         return self.gpt.hidden_state_to_token(self.gpt.encode(input_ids, attention_mask, position_ids, cache_start))
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """KV-cached decoding (greedy, sampling, beam search) with transformers' argument names;
+        see `models.generation.generate`."""
+        from models.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)

@@ -1,0 +1,1 @@
+"""Metrics: sonnet quality (chrF and form) and language-model perplexity."""
