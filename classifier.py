@@ -113,11 +113,11 @@ def run_dataset(name: str, args: argparse.Namespace, tokenizer, device: torch.de
 
     def make_batch(indices):
         ids, mask = pad_right([seqs["train"][i] for i in indices], pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices]}
+        return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum())}
 
     def loss_fn(model, batch):
         logits = model(batch["input_ids"], batch["attention_mask"])
-        return F.cross_entropy(logits.float(), batch["labels"]), int(batch["attention_mask"].sum())
+        return F.cross_entropy(logits.float(), batch["labels"]), batch["tokens"]
 
     def predict(model, split) -> list[int]:
         logits = batched_inference(seqs[split], args.batch_size, pad_id, device, args.precision, model)

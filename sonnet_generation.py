@@ -157,10 +157,10 @@ def main(argv=None) -> dict | None:
 
     def make_batch(indices):
         ids, mask = pad_right([train_ids[i] for i in indices], pad_id)
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask, "tokens": int(mask.sum())}
 
     def loss_fn(model, batch):
-        return lm_loss(model, batch["input_ids"], batch["attention_mask"]), int(batch["attention_mask"].sum())
+        return lm_loss(model, batch["input_ids"], batch["attention_mask"]), batch["tokens"]
 
     def evaluate(model):
         total, count = 0.0, 0

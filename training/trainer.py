@@ -30,14 +30,15 @@ from training.build import autocast, count_parameters
 
 # Flags that may differ between a run and its resumption.
 _RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress"}
+LOG_EVERY = 10  # batches between progress-bar updates (each reads the loss back from the device)
 
 
 @dataclass
 class TrainTask:
     name: str
     train_lengths: Sequence[int]  # token length of each training example (for bucketing)
-    make_batch: Callable[[list[int]], dict]  # training indices -> dict of CPU tensors
-    loss: Callable[[nn.Module, dict], tuple[torch.Tensor, int]]  # batch on device -> (mean loss, tokens)
+    make_batch: Callable[[list[int]], dict]  # training indices -> dict of CPU tensors (other values passed as is)
+    loss: Callable[[nn.Module, dict], tuple[torch.Tensor, int]]  # batch on device -> (mean loss, tokens as int)
     evaluate: Callable[[nn.Module], dict]  # dev metrics; called in eval mode under no_grad
     metric: str  # key of `evaluate`'s dict that selects the best epoch
     higher_is_better: bool = True
@@ -162,6 +163,9 @@ class Trainer:
             self.log.write("resume", task=task.name, epoch=start_epoch)
             print(f"[{task.name}] resumed {last_path} after epoch {start_epoch}")
         else:
+            if last_path.exists() or best_path.exists():
+                raise SystemExit(f"{self.run_dir} already holds a run's checkpoints; continue that run with "
+                                 f"--resume RUN_DIR, or choose another --run_dir")
             self.log.write("start", task=task.name, trainable_params=trainable, total_params=total,
                            train_examples=len(task.train_lengths), steps=total_steps, warmup_steps=warmup,
                            args=plain_args(args))
@@ -173,7 +177,7 @@ class Trainer:
                 self.log.write("stopped", task=task.name, epoch=epoch)
                 print(f"[{task.name}] stopped after epoch {epoch} (--stop_after_epoch); continue with --resume {self.run_dir}")
                 return FitResult(best_metrics, best_epoch, interrupted=True)
-            train_stats = self._train_epoch(epoch, opt, sched, scaler, data_gen)
+            train_stats = self.train_epoch(epoch, opt, sched, scaler, data_gen)
             metrics = self._evaluate()
             improved = self._better(metrics[task.metric], best)
             if improved:
@@ -199,12 +203,14 @@ class Trainer:
         self.log.write("done", task=task.name, best_epoch=best_epoch, best=best_metrics)
         return FitResult(best_metrics, best_epoch, interrupted=False)
 
-    def _train_epoch(self, epoch: int, opt, sched, scaler, data_gen: torch.Generator) -> dict:
+    def train_epoch(self, epoch: int, opt, sched, scaler, data_gen: torch.Generator) -> dict:
+        """One pass over the training batches (no evaluation, no checkpoint); returns its statistics."""
         args, task, device, model = self.args, self.task, self.device, self.model
         model.train()
         batches = bucketed_batches(task.train_lengths, args.batch_size, data_gen)
         n = len(batches)
         params = [p for p in model.parameters() if p.requires_grad]
+        loss_sum = torch.zeros((), device=device)  # on the device: no host sync per step
         total_loss, total_tokens, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         bar = tqdm(batches, desc=f"{task.name} epoch {epoch + 1}/{args.epochs}", disable=args.no_progress,
@@ -217,11 +223,8 @@ class Trainer:
                      for k, v in task.make_batch(indices).items()}
             with autocast(device, args.precision):
                 loss, tokens = task.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{task.name}] non-finite loss {loss.item()} at epoch {epoch + 1}, "
-                                         f"batch {i}; lower --lr or use --precision fp32/bf16")
             scaler.scale(loss / group_size).backward()
-            total_loss += loss.item() * len(indices)
+            loss_sum += loss.detach().float() * len(indices)
             seen += len(indices)
             total_tokens += int(tokens)
             if i + 1 == group_start + group_size:
@@ -232,8 +235,13 @@ class Trainer:
                 scaler.update()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", tok_s=f"{total_tokens / max(elapsed, 1e-9):.0f}")
+            if (i + 1) % LOG_EVERY == 0 or i + 1 == n:  # read the loss back only now and then
+                total_loss = loss_sum.item()
+                if not math.isfinite(total_loss):
+                    raise FloatingPointError(f"[{task.name}] non-finite loss in epoch {epoch + 1} by batch {i + 1}; "
+                                             f"lower --lr or use --precision fp32/bf16")
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", tok_s=f"{total_tokens / max(elapsed, 1e-9):.0f}")
         elapsed = time.perf_counter() - t0
         return {"train_loss": total_loss / max(seen, 1), "tokens": total_tokens, "seconds": round(elapsed, 3),
                 "tokens_per_s": total_tokens / max(elapsed, 1e-9), "lr": sched.get_last_lr()[0]}
