@@ -161,8 +161,9 @@ class Distiller:
             s_final, s_layers = forward_with_hiddens(student, ids, mask)
         else:
             s_final, s_layers = student.backbone.encode(ids, mask), []
-        s_logits, logit_mask = logits_fn(student, s_final, batch)
         parts: dict[str, torch.Tensor] = {}
+        if self.hard_weight or self.kl_weight:  # (hidden-state losses alone need no logits)
+            s_logits, logit_mask = logits_fn(student, s_final, batch)
         if self.hard_weight:
             parts["hard"] = task_loss_fn(s_logits, batch)
         if self.teacher is not None and (self.kl_weight or self.uses_hiddens):
@@ -171,7 +172,7 @@ class Distiller:
                     t_final, t_layers = forward_with_hiddens(self.teacher, ids, mask)
                 else:
                     t_final, t_layers = self.teacher.backbone.encode(ids, mask), []
-                t_logits, _ = logits_fn(self.teacher, t_final, batch)
+                t_logits = logits_fn(self.teacher, t_final, batch)[0] if self.kl_weight else None
             if self.kl_weight:
                 parts["kl"] = kd_kl_loss(s_logits, t_logits, self.temperature, logit_mask)
             if self.uses_hiddens:
