@@ -42,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cross_max_words", type=int, default=None,
                    help="score only the first N words of each cross-domain corpus (default: all)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per model (upper bound, see --max_minutes)")
-    p.add_argument("--max_minutes", type=float, default=None,
-                   help="training-time budget per model; an epoch in progress is cut short when it runs out")
+    p.add_argument("--max_minutes", type=float, nargs="+", default=None,
+                   help="training-time budget per model (one value for all, or one per --models entry); "
+                        "an epoch in progress is cut short when it runs out")
     p.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cap the steps of every epoch")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (halved when valid ppl stalls)")
     p.add_argument("--batch_size", type=int, default=32, help="BPTT columns (RNN/LSTM) or blocks (Transformer)")
@@ -61,8 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled continuation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 avoids thread thrashing on a CPU shared with other jobs)")
     p.add_argument("--out", type=Path, default=Path("runs/lm_baselines/latest"), help="results directory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_minutes is not None:
+        if len(args.max_minutes) == 1:
+            args.max_minutes = args.max_minutes * len(args.models)
+        if len(args.max_minutes) != len(args.models):
+            p.error(f"--max_minutes: give one value or one per model ({len(args.models)}), got {len(args.max_minutes)}")
+    return args
 
 
 def load_streams(args, log):
@@ -94,6 +103,8 @@ def load_streams(args, log):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "log.txt", "a", encoding="utf-8")
 
@@ -104,11 +115,11 @@ def main(argv=None):
         log_file.flush()
 
     vocab, streams, cross, oov = load_streams(args, log)
-    settings = TrainSettings(epochs=args.epochs, max_minutes=args.max_minutes, lr=args.lr, batch_size=args.batch_size,
+    settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                              bptt=args.bptt, clip=args.clip, max_steps_per_epoch=args.max_steps_per_epoch,
                              seed=args.seed)
     runs = []
-    for kind in args.models:
+    for i, kind in enumerate(args.models):
         torch.manual_seed(args.seed)
         if kind == "transformer":
             model = build_baseline(kind, len(vocab), hidden_size=args.hidden, num_layers=args.tf_layers,
@@ -117,7 +128,9 @@ def main(argv=None):
             model = build_baseline(kind, len(vocab), hidden_size=args.hidden, num_layers=args.layers,
                                    dropout=args.dropout)
         model.to(args.device)
-        model_settings = dataclasses.replace(settings, batch_size=args.tf_batch_size) if kind == "transformer" else settings
+        model_settings = dataclasses.replace(
+            settings, max_minutes=args.max_minutes[i] if args.max_minutes else None,
+            batch_size=args.tf_batch_size if kind == "transformer" else args.batch_size)
         run = train_baseline(model, model.name, streams, model_settings, log)
         run.test_ppl = evaluate_ppl(model, streams["test"], settings)
         for name, ids in cross.items():
@@ -126,8 +139,9 @@ def main(argv=None):
         log(f"{run.name}: best valid ppl {run.best_valid_ppl:.1f}, test ppl {run.test_ppl:.1f}, "
             + ", ".join(f"{k} {v:.1f}" for k, v in run.cross_domain.items()))
         runs.append(run)
-        budget = (f"up to {args.epochs} epochs" + (f" or {args.max_minutes:g} min" if args.max_minutes else "")
-                  + " per model")
+        budget = f"up to {args.epochs} epochs per model" + (
+            " or " + "/".join(f"{m:g}" for m in args.max_minutes) + f" min of training ({'/'.join(args.models)})"
+            if args.max_minutes else "")
         settings_text = (f"Budget: {budget}; AdamW lr {args.lr:g} (halved when valid ppl stalls), batch "
                          f"{args.batch_size} (Transformer {args.tf_batch_size} blocks), BPTT {args.bptt}, clip {args.clip:g}, hidden {args.hidden}, "
                          f"RNN/LSTM {args.layers} layers, Transformer {args.tf_layers} layers x {args.tf_heads} heads, "

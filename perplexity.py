@@ -23,6 +23,7 @@ from evaluation.perplexity import perplexity, sliding_window_nll
 from lm.corpus import find_data_file, join_documents, read_documents
 from models.gpt2 import GPT2LMHeadModel
 from models.tokenizer import load_tokenizer
+from training.cli import config_overrides
 
 DEFAULT_CORPORA = {
     "ptb": "ptb/ptb.test.txt",
@@ -52,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score only the first N tokens of each text (keeps CPU runs short)")
     p.add_argument("--tokenizer", default=None, help="directory with vocab.json and merges.txt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    try:  # sparse-attention flags, when that module is present (the same flags every script takes)
+        from modules.attention_patterns import add_attention_args
+    except ImportError:
+        pass
+    else:
+        add_attention_args(p)
     args = p.parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 2:
         p.error(f"--max_tokens must be >= 2, got {args.max_tokens}")
@@ -108,7 +115,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{name}: no such file {path}")
     results: dict[str, dict[str, dict]] = {}
     for spec in args.model:
-        model = GPT2LMHeadModel.from_name_or_path(spec, random_init=args.random_init).to(args.device).eval()
+        model = GPT2LMHeadModel.from_name_or_path(spec, random_init=args.random_init,
+                                                  **config_overrides(args)).to(args.device).eval()
         tokenizer = load_tokenizer(args.tokenizer, model_dir=spec)
         results[spec] = {}
         for name, path in files.items():

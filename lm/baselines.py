@@ -36,7 +36,7 @@ class TrainSettings:
     bptt: int = 35
     clip: float = 0.5
     eval_batch_size: int = 10
-    log_every: int = 100
+    log_every: int = 50
     max_steps_per_epoch: Optional[int] = None  # for smoke tests
     seed: int = 0
 
@@ -64,7 +64,7 @@ def evaluate_nll(model, stream: torch.Tensor, settings: TrainSettings) -> tuple[
                                   batch_size=settings.eval_batch_size * 4)
     was_training = model.training
     model.eval()
-    data = batchify(stream, settings.eval_batch_size).to(device)
+    data = batchify(stream, max(1, min(settings.eval_batch_size, stream.numel() // 2))).to(device)
     total, count, state = 0.0, 0, None
     for inputs, targets in bptt_segments(data, settings.bptt):
         logits, state = model(inputs, state)

@@ -72,7 +72,7 @@ def read_ptb_sentences(path: str | Path) -> list[list[str]]:
 
 _WIKITEXT_JOINERS = {"@-@": "-", "@,@": ",", "@.@": "."}
 _CLITIC = re.compile(r"(?<=[a-z])(n't|'s|'re|'ll|'ve|'d|'m)\b")
-_WORD = re.compile(r"n't|'[a-z]+|[a-z0-9]+(?:[-.,&/][a-z0-9]+)*")
+_WORD = re.compile(r"(?:[a-z]\.){2,}|n't|'[a-z]+|[a-z0-9]+(?:[-.,&/][a-z0-9]+)*")
 _NUMBER = re.compile(r"^[0-9][0-9.,/-]*$")
 
 
