@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distill import synthetic
 from models.gpt2 import GPT2LMHeadModel
 from tasks.data import NO_TOKEN_ID, YES_TOKEN_ID, read_paraphrase, write_paraphrase_predictions
 from training.batching import pad_right
@@ -52,8 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--para_dev_out", default="predictions/para-dev-output.csv")
     p.add_argument("--para_test_out", default="predictions/para-test-output.csv")
     add_common_args(p, epochs=10, batch_size=8, lr=1e-5)
+    synthetic.add_synthetic_args(p)
     args = p.parse_args(argv)
     check_common_args(args)
+    synthetic.check_synthetic_args(args)
     return args
 
 
@@ -102,11 +105,13 @@ def main(argv=None) -> dict | None:
     tokenizer = load_tokenizer_for(args)
     run_dir = default_run_dir(args, "paraphrase")
     splits = {}
-    for split, labeled in (("train", True), ("dev", True), ("test", False)):
+    splits["train"], train_weights = synthetic.training_examples(args, read_paraphrase)
+    for split, labeled in (("dev", True), ("test", False)):
         examples = read_paraphrase(getattr(args, f"para_{split}"), labeled=labeled)
         splits[split] = examples[: args.limit] if args.limit else examples
     seed_everything(args.seed)
     model = build_model(GPT2LMHeadModel, args).to(device)
+    reference = synthetic.frozen_reference(model, args.kl_lambda)  # the initial model, for --kl_lambda
     max_length = args.max_length or model.config.max_position_embeddings
     log = MetricsLog(run_dir / "metrics.jsonl")
     seqs = {}
@@ -122,15 +127,22 @@ def main(argv=None) -> dict | None:
     if not trainable:
         raise SystemExit(f"{args.para_train}: no labeled training pair")
     train_labels = torch.tensor([splits["train"][i].label for i in trainable])
+    train_weights = train_weights[trainable]
     dev_scored = [i for i, e in enumerate(splits["dev"]) if e.label is not None]
 
     def make_batch(indices):
         ids, mask = pad_right([seqs["train"][trainable[i]] for i in indices], pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum())}
+        return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum()),
+                "weights": train_weights[indices]}
 
     def loss_fn(model, batch):
         logits = two_way_logits(model, batch["input_ids"], batch["attention_mask"])
-        return F.cross_entropy(logits.float(), batch["labels"]), batch["tokens"]
+        ref_logits = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logits = two_way_logits(reference, batch["input_ids"], batch["attention_mask"])
+        loss = synthetic.paraphrase_loss(logits, batch["labels"], batch["weights"], ref_logits, args.kl_lambda)
+        return loss, batch["tokens"]
 
     def predict(model, split) -> list[int]:
         logits = batched_inference(seqs[split], args.batch_size, pad_id, device, args.precision,

@@ -1,0 +1,314 @@
+"""Impossible Distillation data stages (Jung et al., 2023, "Impossible Distillation: from Low-Quality
+Model to High-Quality Dataset & Model for Summarization and Paraphrasing", arXiv 2305.16635).
+
+A small LM's own samples become paraphrase training data:
+
+* generate: *paraphrastic proximity*: several samples continuing the same context tend to say the
+  same thing, so every two samples of one context form a candidate pair (`continue` mode); or
+  *prompted rewriting*: the LM is asked to restate a question, and (question, rewrite) plus every
+  two rewrites form candidates (`rewrite` mode).  Batched sampling through `model.generate`.
+* filter: rules applied in this order, each pair counted under the FIRST rule that removes it:
+    too_short     either side has fewer than `min_words` words
+    copy          the two sides are equal after normalisation (lowercase, words only)
+    duplicate     the unordered normalised pair was already kept
+    length_ratio  shorter / longer word count < `min_length_ratio`
+    near_copy     word-set Jaccard overlap > `max_overlap` (a paraphrase must rephrase)
+    critic        the critic's bidirectional score < tau (see `critic_scores`)
+* build: filtered pairs are positives (label 1); each positive's first side also gets
+  `negatives_per_positive` hard negatives: the sentences of OTHER contexts with the highest Jaccard
+  overlap with it (topically close, sharing keywords, yet from another context, so not a
+  paraphrase by construction).  Written in the Quora CSV layout that `tasks.data.read_paraphrase` reads.
+
+Words are `\\w+` runs of the lowercased text.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+_WORD = re.compile(r"\w+")
+_SPACE = re.compile(r"\s+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def normalise(text: str) -> str:
+    return " ".join(words(text))
+
+
+def jaccard(a: str, b: str) -> float:
+    sa, sb = set(words(a)), set(words(b))
+    if not sa and not sb:
+        return 1.0
+    return len(sa & sb) / len(sa | sb)
+
+
+def one_line(text: str) -> str:
+    """Collapse tabs and newlines so a sentence fits one TSV field."""
+    return _SPACE.sub(" ", text).strip()
+
+
+# ---- files ------------------------------------------------------------------------------------
+def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {n}: not JSON ({exc.msg})") from None
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}, line {n}: missing field(s) {missing}")
+            rows.append(row)
+    return rows
+
+
+def _atomic_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    return _atomic_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def stats_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".stats.json")
+
+
+def write_stats(out: str | Path, stats: dict) -> Path:
+    return _atomic_text(stats_path(out), json.dumps(stats, indent=2) + "\n")
+
+
+# ---- generate ---------------------------------------------------------------------------------
+REWRITE_PROMPT = ('Question: "', '"\nThe same question in other words: "')
+
+
+def make_prompt(context: str, mode: str) -> str:
+    if mode == "continue":
+        return context.rstrip() + " "
+    if mode == "rewrite":
+        return REWRITE_PROMPT[0] + context.strip() + REWRITE_PROMPT[1]
+    raise ValueError(f"unknown generation mode {mode!r}; choose continue or rewrite")
+
+
+_SENTENCE_END = re.compile(r"[.?!](?=\s|$)")
+
+
+def clean_sample(text: str, mode: str) -> str:
+    """The first line of a sample, cut at the closing quote (rewrite) or first sentence end (continue)."""
+    text = text.split("\n", 1)[0]
+    if mode == "rewrite":
+        text = text.split('"', 1)[0]
+    else:
+        m = _SENTENCE_END.search(text)
+        text = text[: m.end()] if m else text
+    return one_line(text)
+
+
+def candidate_pairs(context_id: int, context: str, samples: Sequence[str], mode: str) -> list[dict]:
+    """Every unordered pair of distinct-position samples; in rewrite mode also (context, sample)."""
+    texts = list(samples)
+    rows = []
+    if mode == "rewrite":
+        rows += [{"context_id": context_id, "a": one_line(context), "b": s, "source": "context-rewrite"} for s in texts]
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            rows.append({"context_id": context_id, "a": texts[i], "b": texts[j], "source": "sample-sample"})
+    return rows
+
+
+def sample_continuations(model, tokenizer, contexts: Sequence[str], *, mode: str, samples_per_context: int,
+                         batch_size: int, max_new_tokens: int, temperature: float, top_p: Optional[float],
+                         seed: int, device) -> list[list[str]]:
+    """`samples_per_context` cleaned samples for each context, drawn with `model.generate` (rows of a
+    batch are prompts repeated `samples_per_context` times, since generate has no num_return_sequences)."""
+    import torch
+
+    from models.generation import left_pad, newline_counts
+
+    eos = tokenizer.eos_token_id
+    counts = newline_counts(tokenizer).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    prompts = [tokenizer(make_prompt(c, mode), add_special_tokens=False)["input_ids"] for c in contexts]
+    rows = [(ci, p) for ci, p in enumerate(prompts) for _ in range(samples_per_context)]
+    out: list[list[str]] = [[] for _ in contexts]
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, mask = left_pad([p for _, p in chunk], eos)
+            seqs = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, do_sample=True,
+                                  temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=eos,
+                                  generator=gen, stop_newlines=1, newline_counts=counts)
+            new = seqs[:, ids.size(1):].tolist()
+            for (ci, _), tokens in zip(chunk, new):
+                tokens = [t for t in tokens if t != eos]
+                out[ci].append(clean_sample(tokenizer.decode(tokens), mode))
+    return out
+
+
+# ---- filter -----------------------------------------------------------------------------------
+@dataclass
+class FilterRules:
+    min_words: int = 3
+    min_length_ratio: float = 0.5
+    max_overlap: float = 0.7
+    tau: Optional[float] = None  # critic threshold; None = no critic
+
+    def check(self) -> None:
+        if self.min_words < 1:
+            raise ValueError(f"--min_words must be >= 1, got {self.min_words}")
+        if not 0.0 <= self.min_length_ratio <= 1.0:
+            raise ValueError(f"--min_length_ratio must be in [0, 1], got {self.min_length_ratio}")
+        if not 0.0 <= self.max_overlap <= 1.0:
+            raise ValueError(f"--max_overlap must be in [0, 1], got {self.max_overlap}")
+        if self.tau is not None and not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"--tau must be in [0, 1], got {self.tau}")
+
+
+RULES = ("too_short", "copy", "duplicate", "length_ratio", "near_copy", "critic")
+
+
+def rule_violated(a: str, b: str, rules: FilterRules, seen: set) -> Optional[str]:
+    """The first cheap rule (all but the critic) that removes the pair, or None."""
+    wa, wb = words(a), words(b)
+    if min(len(wa), len(wb)) < rules.min_words:
+        return "too_short"
+    na, nb = " ".join(wa), " ".join(wb)
+    if na == nb:
+        return "copy"
+    if (min(na, nb), max(na, nb)) in seen:
+        return "duplicate"
+    if min(len(wa), len(wb)) / max(len(wa), len(wb)) < rules.min_length_ratio:
+        return "length_ratio"
+    if jaccard(a, b) > rules.max_overlap:
+        return "near_copy"
+    return None
+
+
+def filter_pairs(rows: Sequence[dict], rules: FilterRules,
+                 critic: Optional[Callable[[list[tuple[str, str]]], list[float]]] = None) -> tuple[list[dict], dict]:
+    """(kept rows with a `score` field when a critic ran, statistics).  `critic` maps pairs to their
+    bidirectional scores; a pair is kept when score >= rules.tau."""
+    rules.check()
+    if (critic is None) != (rules.tau is None):
+        raise ValueError("a critic and --tau go together: give both or neither")
+    removed = {r: 0 for r in RULES}
+    seen: set = set()
+    survivors = []
+    for row in rows:
+        reason = rule_violated(row["a"], row["b"], rules, seen)
+        if reason:
+            removed[reason] += 1
+            continue
+        na, nb = normalise(row["a"]), normalise(row["b"])
+        seen.add((min(na, nb), max(na, nb)))
+        survivors.append(dict(row))
+    kept = survivors
+    score_summary = None
+    if critic is not None and survivors:
+        scores = critic([(r["a"], r["b"]) for r in survivors])
+        kept = []
+        for row, s in zip(survivors, scores):
+            row["score"] = round(float(s), 6)
+            if s >= rules.tau:
+                kept.append(row)
+            else:
+                removed["critic"] += 1
+        score_summary = {"mean": sum(scores) / len(scores), "min": min(scores), "max": max(scores)}
+    stats = {"stage": "filter", "input": len(rows), "kept": len(kept), "removed": removed,
+             "rules": {"min_words": rules.min_words, "min_length_ratio": rules.min_length_ratio,
+                       "max_overlap": rules.max_overlap, "tau": rules.tau, "critic": critic is not None},
+             "critic_scores_of_rule_survivors": score_summary}
+    return kept, stats
+
+
+# ---- build ------------------------------------------------------------------------------------
+def hard_negatives(rows: Sequence[dict], per_positive: int, min_overlap: float = 0.0) -> tuple[list[tuple[str, str]], int]:
+    """For each row's side `a`: the `per_positive` sentences of other contexts with the highest word
+    Jaccard overlap (> min_overlap), ties broken by first appearance.  Returns (pairs, shortfall)."""
+    pool: list[tuple[int, str]] = []
+    seen_text: set = set()
+    for r in rows:
+        for side in ("a", "b"):
+            key = (r["context_id"], normalise(r[side]))
+            if key not in seen_text:
+                seen_text.add(key)
+                pool.append((r["context_id"], r[side]))
+    pool_sets = [set(words(t)) for _, t in pool]
+    used: set = set()
+    out, shortfall = [], 0
+    for r in rows:
+        wa = set(words(r["a"]))
+        scored = []
+        for k, ((cid, text), ws) in enumerate(zip(pool, pool_sets)):
+            if cid == r["context_id"] or not ws:
+                continue
+            overlap = len(wa & ws) / len(wa | ws)
+            if overlap > min_overlap:
+                scored.append((-overlap, k))
+        scored.sort()
+        found = 0
+        for _, k in scored:
+            text = pool[k][1]
+            key = (normalise(r["a"]), normalise(text))
+            if key in used or key[0] == key[1]:
+                continue
+            used.add(key)
+            out.append((r["a"], text))
+            found += 1
+            if found == per_positive:
+                break
+        shortfall += per_positive - found
+    return out, shortfall
+
+
+def write_quora_csv(path: str | Path, pairs: Sequence[tuple[str, str, int]], id_prefix: str = "synth") -> Path:
+    """Tab-separated with a leading unnamed index column and the header `id sentence1 sentence2
+    is_duplicate`, labels written 1.0/0.0 as in the Quora files."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    w.writerow(["", "id", "sentence1", "sentence2", "is_duplicate"])
+    for i, (a, b, label) in enumerate(pairs):
+        w.writerow([i, f"{id_prefix}-{i}", one_line(a), one_line(b), f"{float(label):.1f}"])
+    return _atomic_text(path, buf.getvalue())
+
+
+def build_dataset(rows: Sequence[dict], negatives_per_positive: int, seed: int,
+                  min_negative_overlap: float = 0.0) -> tuple[list[tuple[str, str, int]], dict]:
+    if negatives_per_positive < 0:
+        raise ValueError(f"--negatives_per_positive must be >= 0, got {negatives_per_positive}")
+    if not rows:
+        raise ValueError("no filtered pairs to build from (the filter kept nothing; loosen its rules)")
+    positives = [(r["a"], r["b"], 1) for r in rows]
+    negs, shortfall = hard_negatives(rows, negatives_per_positive, min_negative_overlap)
+    pairs = positives + [(a, b, 0) for a, b in negs]
+    random.Random(seed).shuffle(pairs)
+    stats = {"stage": "build", "positives": len(positives), "negatives": len(negs),
+             "negatives_short": shortfall, "rows": len(pairs), "negatives_per_positive": negatives_per_positive,
+             "contexts": len({r["context_id"] for r in rows})}
+    return pairs, stats
