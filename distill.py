@@ -2,7 +2,7 @@
 matching as in TinyBERT, Jiao et al., 2020; a Wasserstein-1 critic with WGAN-GP, Gulrajani et al., 2017).
 
 The loss is  hard_weight * task loss + kl_weight * T^2 KL + mse_weight * hidden MSE + wd_weight * W1
-(see distill/losses.py).  The teacher (`--teacher`, any of our GPT-2 checkpoints, optionally with a
+(see distillation/losses.py).  The teacher (`--teacher`, any of our GPT-2 checkpoints, optionally with a
 trainer checkpoint's weights `--teacher_checkpoint`) is frozen.  The student is `--model_size`:
 `teacher` (default) = the teacher's architecture changed by `--student_layers/--student_hidden/
 --student_heads`, randomly initialised or, with `--init_every_k K`, copied from every K-th teacher
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from distill.losses import parse_layer_map
-from distill.models import Distiller, StudentWithAligner, every_kth_layers, init_student_from_teacher
+from distillation.losses import parse_layer_map
+from distillation.models import Distiller, StudentWithAligner, every_kth_layers, init_student_from_teacher
 from models.gpt2 import GPT2LMHeadModel
 from models.tokenizer import load_tokenizer
 from training.build import build_model, count_parameters, seed_everything, select_device
@@ -154,7 +154,7 @@ def main(argv=None) -> dict | None:
     model = StudentWithAligner(student, distiller.make_aligner(student)).to(device)
     tokenizer = load_tokenizer(args.tokenizer, args.teacher if args.teacher and Path(args.teacher).is_dir() else None)
     run_dir = default_run_dir(args, f"distill-{args.task}")
-    from distill.tasks import lm_task, para_task
+    from distillation.tasks import lm_task, para_task
 
     task, evaluate_any = (lm_task if args.task == "lm" else para_task)(args, tokenizer, distiller, device)
 

@@ -5,7 +5,7 @@ Stages (each reads a file and writes a file, plus `<output>.stats.json` with cou
 
     generate  contexts (a text file, one per line, or the questions of a Quora file)
               -> candidates.jsonl   {"context_id", "a", "b", "source"} per candidate pair
-    filter    candidates.jsonl -> filtered.jsonl   (rules and critic: see distill/impossible.py)
+    filter    candidates.jsonl -> filtered.jsonl   (rules and critic: see distillation/impossible.py)
     build     filtered.jsonl -> synthetic.csv      (Quora CSV: positives + hard negatives)
 
 Training is a flag of the task script:
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill import impossible as imp
+from distillation import impossible as imp
 
 
 def _add_model_args(p: argparse.ArgumentParser, prefix: str, help_what: str) -> None:

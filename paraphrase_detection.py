@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill import synthetic
+from distillation import synthetic
 from models.gpt2 import GPT2LMHeadModel
 from tasks.data import NO_TOKEN_ID, YES_TOKEN_ID, read_paraphrase, write_paraphrase_predictions
 from training.batching import pad_right

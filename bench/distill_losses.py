@@ -13,7 +13,6 @@ Arguments after `--` go to every distill.py run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -33,10 +32,9 @@ VARIANTS = {
 
 
 def distill_main():
-    spec = importlib.util.spec_from_file_location("distill_script", ROOT / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    import distill
+
+    return distill.main
 
 
 def main(argv=None) -> dict:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import GPT2Config
-from distill.losses import (Critic, HiddenStateAligner, LayerwiseWasserstein, evenly_spaced_layer_map,
+from distillation.losses import (Critic, HiddenStateAligner, LayerwiseWasserstein, evenly_spaced_layer_map,
                             gradient_penalty, hidden_mse_loss, kd_kl_loss, parse_layer_map)
-from distill.models import (Distiller, StudentWithAligner, every_kth_layers, forward_with_hiddens,
+from distillation.models import (Distiller, StudentWithAligner, every_kth_layers, forward_with_hiddens,
                             init_student_from_teacher)
 from models.gpt2 import GPT2LMHeadModel
 

@@ -1,7 +1,6 @@
 """Tiny end-to-end runs of distill.py (LM and paraphrase tasks), exact resume with the critic, errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 
@@ -16,11 +15,9 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def distill_script():
-    """distill.py shares its name with the distill/ package, so it is loaded by path."""
-    spec = importlib.util.spec_from_file_location("distill_script", ROOT / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import distill
+
+    return distill
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import impossible as imp
-from distill.synthetic import paraphrase_loss
+from distillation import impossible as imp
+from distillation.synthetic import paraphrase_loss
 from tasks.data import read_paraphrase
 
 GOOD1 = ("How do I learn python quickly?", "What is the fastest way to study Python programming?")

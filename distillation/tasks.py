@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from distill.models import Distiller
+from distillation.models import Distiller
 from training.trainer import TrainTask
 
 

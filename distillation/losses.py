@@ -13,7 +13,7 @@
   Real samples are the teacher's per-token hidden vectors, fake ones the student's (projected);
   the student minimises the estimate W = E[D(x_real)] - E[D(x_fake)].
 
-Every loss takes tensors; which model produced them is `distill/models.py`'s business.
+Every loss takes tensors; which model produced them is `distillation/models.py`'s business.
 """
 from __future__ import annotations
 

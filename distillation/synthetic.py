@@ -59,7 +59,7 @@ def frozen_reference(model: nn.Module, kl_lambda: float) -> Optional[nn.Module]:
     """A frozen copy of `model` as it is now (the initial model), or None when kl_lambda == 0."""
     if kl_lambda == 0:
         return None
-    from distill.models import freeze
+    from distillation.models import freeze
 
     return freeze(copy.deepcopy(model))
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from distill.losses import HiddenStateAligner, LayerwiseWasserstein, hidden_mse_loss, kd_kl_loss, masked_tokens
+from distillation.losses import HiddenStateAligner, LayerwiseWasserstein, hidden_mse_loss, kd_kl_loss, masked_tokens
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -131,7 +131,7 @@ class Distiller:
         return bool(self.mse_weight or self.wd_weight)
 
     def make_aligner(self, student: nn.Module) -> HiddenStateAligner:
-        from distill.losses import evenly_spaced_layer_map
+        from distillation.losses import evenly_spaced_layer_map
 
         ls, lt = student.config.num_hidden_layers, self.teacher.config.num_hidden_layers if self.teacher else 1
         if self.layer_map is None and self.teacher is not None:
