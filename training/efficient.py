@@ -103,11 +103,6 @@ def _backbone(model: nn.Module):
     raise TypeError(f"{type(model).__name__} contains no GPT2Model")
 
 
-def _tied_pairs(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """(module, parameter name, id of the tensor) for every registered parameter, to check ties."""
-    return [(m, n, id(p)) for m in model.modules() for n, p in m._parameters.items() if p is not None]
-
-
 def lora_settings(model: nn.Module) -> Optional[LoraSettings]:
     """The settings of the LoRA adapters applied to `model` by `apply_lora`, or None."""
     entry = model.__dict__.get("_lora")
