@@ -77,7 +77,10 @@ def main(argv=None) -> None:
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--batches", type=int, default=3, help="batches per timed epoch")
     p.add_argument("--rounds", type=int, default=2, help="timed epochs per loop (after one warm-up epoch)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     torch.manual_seed(0)
     backbone = GPT2Model(GPT2Config.from_name(a.model, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
@@ -118,7 +121,7 @@ def main(argv=None) -> None:
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)
             tokens += t
-        float(loss)  # sync
+        float(loss.detach())  # sync
         return tokens / (time.perf_counter() - t0)
 
     loops = {"trainer": lambda: trainer.train_epoch(0, opt, sched, scaler, gen)["tokens_per_s"],

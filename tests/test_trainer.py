@@ -100,3 +100,17 @@ def test_device_and_precision_flags():
     assert select_device(False).type == "cpu"
     with pytest.raises(SystemExit):
         common_args("--precision", "fp8")
+
+
+def test_a_used_run_directory_is_not_overwritten(tmp_path):
+    _regression_fit(tmp_path, "--epochs", "1")
+    with pytest.raises(SystemExit, match="already holds a run's checkpoints"):
+        _regression_fit(tmp_path, "--epochs", "1")
+    model, result = _regression_fit(tmp_path, "--epochs", "1", "--resume", str(tmp_path))  # finished: loads best
+    assert result.best_epoch == 1 and not result.interrupted
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_runs(tmp_path, precision):
+    model, result = _regression_fit(tmp_path, "--epochs", "2", "--precision", precision)
+    assert result.best_epoch is not None and np.isfinite(result.best_metrics["mse"])
