@@ -156,12 +156,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     entry = model.__dict__.pop("_lora", None)
     if entry is None:
         raise ValueError("merge_lora: the model has no LoRA adapters (apply_lora was not called on it)")
-    settings, tuner = entry
+    _, tuner = entry
     embedding = _backbone(model).word_embedding.weight
     merged = tuner.merge_and_unload(safe_merge=True)
     if merged is not model or _backbone(model).word_embedding.weight is not embedding:
         raise AssertionError("merge_and_unload did not merge in place or replaced the tied embedding")
-    model.__dict__["_lora_merged"] = settings
     return model
 
 
