@@ -103,11 +103,6 @@ def _backbone(model: nn.Module):
     raise TypeError(f"{type(model).__name__} contains no GPT2Model")
 
 
-def _tied_pairs(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """(module, parameter name, id of the tensor) for every registered parameter, to check ties."""
-    return [(m, n, id(p)) for m in model.modules() for n, p in m._parameters.items() if p is not None]
-
-
 def lora_settings(model: nn.Module) -> Optional[LoraSettings]:
     """The settings of the LoRA adapters applied to `model` by `apply_lora`, or None."""
     entry = model.__dict__.get("_lora")
@@ -161,12 +156,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     entry = model.__dict__.pop("_lora", None)
     if entry is None:
         raise ValueError("merge_lora: the model has no LoRA adapters (apply_lora was not called on it)")
-    settings, tuner = entry
+    _, tuner = entry
     embedding = _backbone(model).word_embedding.weight
     merged = tuner.merge_and_unload(safe_merge=True)
     if merged is not model or _backbone(model).word_embedding.weight is not embedding:
         raise AssertionError("merge_and_unload did not merge in place or replaced the tied embedding")
-    model.__dict__["_lora_merged"] = settings
     return model
 
 

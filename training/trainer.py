@@ -29,7 +29,7 @@ from training.batching import bucketed_batches
 from training.build import autocast, count_parameters
 
 # Flags that may differ between a run and its resumption.
-_RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress"}
+_RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress", "merge_lora"}  # merge_lora acts after training
 LOG_EVERY = 10  # batches between progress-bar updates (each reads the loss back from the device)
 
 
