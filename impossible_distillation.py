@@ -84,8 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_lm(spec: str, checkpoint, use_gpu: bool, tokenizer_dir):
-    import torch
-
     from models.gpt2 import GPT2LMHeadModel
     from models.tokenizer import load_tokenizer
     from training.build import select_device

@@ -21,7 +21,6 @@ import torch
 
 from bench.common import machine_description, markdown_table, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "init only (no training)": ["--epochs", "0"],
     "hard labels only (CE)": ["--hard_weight", "1"],

@@ -5,7 +5,6 @@ import argparse
 import json
 import math
 import random
-import warnings
 
 import pytest
 import torch

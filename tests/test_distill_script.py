@@ -11,7 +11,6 @@ from cs224n_files import quora_pairs, write_quora
 from models.gpt2 import GPT2LMHeadModel
 from training.checkpoint import load
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def distill_script():

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lm.baselines import TrainSettings, evaluate_nll, train_baseline
 from lm.models import ElmanRNN, ElmanRNNCell, build_baseline

@@ -6,7 +6,6 @@ import torch
 import transformers
 
 from config import GPT2Config, PRESETS
-from conftest import tiny_hf_config
 from models import GPT2LMHeadModel, GPT2Model
 
 ATOL = 1e-5  # fp32; observed differences are ~3e-7
