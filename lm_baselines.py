@@ -1,6 +1,6 @@
 """Word-level language-model baselines on Penn Treebank: RNN (from scratch), LSTM, Transformer.
 
-    python lm_baselines.py --models rnn lstm transformer --epochs 3 --max_minutes 6 --out runs/lm_baselines/cpu
+    python lm_baselines.py --epochs 3 --max_minutes 8 20 12 --hidden 200 --lr 2e-3 --dropout 0.1 --cross_max_words 20000 --threads 1 --out runs/lm_baselines/cpu_run
 
 One vocabulary (PTB train + `<eos>`) for all models.  After every epoch: train and valid
 perplexity; at the end: test perplexity, cross-domain perplexity on WikiText-2 and tiny

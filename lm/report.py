@@ -81,7 +81,7 @@ def results_markdown(runs: list[BaselineRun], oov: dict[str, float], settings_te
         for s in run.samples:
             for key, text in s.items():
                 if key != "prompt":
-                    lines.append(f"- *{s['prompt']}* [{key}] {text}")
+                    lines.append(f"- *{s['prompt']}* [{key}] {text or '`<eos>` (the sentence ends at once)'}")
         lines.append("")
     return "\n".join(lines)
 
