@@ -29,6 +29,7 @@ from models.generation import left_pad, newline_counts
 from models.gpt2 import GPT2LMHeadModel
 from training.batching import pad_right
 from training.build import autocast, build_model, load_tokenizer_for, seed_everything, select_device
+from training.distributed import is_main
 from training.cli import add_common_args, check_common_args
 from training.trainer import MetricsLog, Trainer, TrainTask, default_run_dir
 
@@ -183,11 +184,13 @@ def main(argv=None) -> dict | None:
     model.eval()
     dev_texts = writer.complete(model, [p for _, p in dev_prompts])
     dev_chrf = chrf(dev_texts, dev_gold)
-    write_generated_sonnets(args.sonnet_dev_out, [(n, t) for (n, _), t in zip(dev_prompts, dev_texts)])
+    if is_main():  # every rank generates the same sonnets (same seed and weights); rank 0 writes
+        write_generated_sonnets(args.sonnet_dev_out, [(n, t) for (n, _), t in zip(dev_prompts, dev_texts)])
     test_texts = writer.complete(model, [p for _, p in test_prompts])
     if len(test_texts) != len(test_prompts):
         raise RuntimeError(f"{len(test_texts)} sonnets generated for {len(test_prompts)} prompts")
-    write_generated_sonnets(args.sonnet_out, [(n, t) for (n, _), t in zip(test_prompts, test_texts)])
+    if is_main():
+        write_generated_sonnets(args.sonnet_out, [(n, t) for (n, _), t in zip(test_prompts, test_texts)])
     metrics = {**result.best_metrics, "chrf": dev_chrf}
     log.write("final", best_epoch=result.best_epoch, dev=metrics)
     print(f"[sonnet] best epoch {result.best_epoch} (by dev {args.select_by}): dev loss {metrics['loss']:.4f}, "

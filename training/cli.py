@@ -49,6 +49,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_
                    help="stop (as if interrupted) after this many epochs, leaving a resumable checkpoint")
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples of every split (smoke runs)")
     g.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
+    from training.speed import add_speed_args
+
+    add_speed_args(parser)
     try:
         from modules.attention_patterns import add_attention_args
     except ImportError:
@@ -80,3 +83,10 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     if args.max_length is not None and args.max_length < 8:
         raise SystemExit(f"--max_length must be >= 8, got {args.max_length}")
+    from training.distributed import env_world_size
+
+    if getattr(args, "fsdp", False) and env_world_size() < 2:
+        raise SystemExit("--fsdp shards the model over several processes; start the script with "
+                         "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+    if getattr(args, "peak_flops", None) is not None and args.peak_flops <= 0:
+        raise SystemExit(f"--peak_flops must be > 0 (FLOP/s of one device), got {args.peak_flops}")
