@@ -64,14 +64,17 @@ def run(run_dir: str, argv: list[str]) -> dict:
             "losses": losses, "best": result.best_metrics}
 
 
-def spawn_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str, argv: list[str]) -> None:
+def spawn_worker(rank: int, world: int, port: int, out_dir: str, runs: dict[str, list[str]]) -> None:
+    """One rank of a torchrun-like group: every run of `runs` (name -> flags) in turn, each writing
+    to out_dir/name and saving its result to out_dir/name-rank{rank}.pt."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from training.distributed import shutdown
 
     try:
-        result = run(run_dir, argv)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        for name, argv in runs.items():
+            result = run(str(Path(out_dir) / name), argv)
+            torch.save(result, Path(out_dir) / f"{name}-rank{rank}.pt")
     finally:
         shutdown()
