@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from evaluation.sonnets import chrf, read_numbered_sonnets, write_generated_sonnets
 from models.generation import left_pad, newline_counts
 from models.gpt2 import GPT2LMHeadModel
-from training.batching import pad_right
+from training.batching import pack_sequences, pad_right
 from training.build import autocast, build_model, load_tokenizer_for, seed_everything, select_device
 from training.distributed import is_main
 from training.cli import add_common_args, check_common_args
@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--select_by", choices=["chrf", "loss"], default="chrf",
                    help="dev metric choosing the best epoch: chrF of completions (generates every epoch) "
                         "or LM loss on the gold dev sonnets")
+    p.add_argument("--pack_sequences", action="store_true",
+                   help="train on the sonnets concatenated (EOS between them) and cut into --max_length blocks: "
+                        "no padding, fuller batches; attention crosses sonnet boundaries as in GPT-2 pre-training")
     g = p.add_argument_group("decoding (arguments of model.generate)")
     g.add_argument("--decoding", choices=DECODING, default="top-p")
     g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (sampling modes)")
@@ -154,6 +157,11 @@ def main(argv=None) -> dict | None:
     if truncated or dev_truncated:
         print(f"[sonnet] {truncated} training and {dev_truncated} dev sonnets longer than {max_length} tokens; kept their start")
     pad_id = tokenizer.eos_token_id
+    if args.pack_sequences:
+        n_sonnets = len(train_ids)
+        train_ids = pack_sequences(train_ids, tokenizer.eos_token_id, max_length)
+        print(f"[sonnet] packed {n_sonnets} training sonnets into {len(train_ids)} blocks of <= {max_length} tokens")
+        log.write("packing", sonnets=n_sonnets, blocks=len(train_ids), block_size=max_length)
     writer = SonnetWriter(tokenizer, args, device)
 
     def make_batch(indices):

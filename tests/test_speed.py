@@ -228,3 +228,40 @@ def test_mfu_logged_with_peak_flops(tmp_path, one_thread):
     assert epoch["flops_per_token"] == pytest.approx(flops_per_token(matmul_params(model), 2, 16, 32))
     assert epoch["mfu"] == pytest.approx(epoch["tokens_per_s"] * epoch["flops_per_token"] / 1e10)
     assert next(e for e in events if e["event"] == "scale")["peak_flops"] == 1e10
+
+
+def test_pack_sequences_keeps_every_token_in_order():
+    from training.batching import pack_sequences
+
+    seqs = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    blocks = pack_sequences(seqs, 0, 4)
+    assert blocks == [[1, 2, 3, 0], [4, 0, 5, 6], [7, 8, 9, 0]]
+    assert pack_sequences(seqs, 0, 5)[-1] == [9, 0]  # the last block may be shorter
+    with pytest.raises(ValueError, match="block_size"):
+        pack_sequences(seqs, 0, 1)
+
+
+def test_sonnet_generation_with_packing(tmp_path, tokenizer_dir, one_thread):
+    import random
+
+    import sonnet_generation as sg
+    from cs224n_files import sonnet_text, write_sonnets
+
+    rng = random.Random(0)
+    train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 5)])
+    gold = write_sonnets(tmp_path / "gold.txt", [(132, sonnet_text(rng))])
+    prompts = write_sonnets(tmp_path / "dev.txt", [(132, "a\nb\nc")])
+    args = ["--model_size", "tiny", "--no_progress", "--tokenizer", str(tokenizer_dir), "--epochs", "1",
+            "--batch_size", "4", "--max_length", "64", "--pack_sequences", "--select_by", "loss",
+            "--run_dir", str(tmp_path / "run"), "--sonnet_path", str(train), "--held_out_sonnet_path", str(prompts),
+            "--held_out_dev_path", str(prompts), "--gold_dev_path", str(gold), "--max_new_tokens", "4",
+            "--sonnet_out", str(tmp_path / "out.txt"), "--sonnet_dev_out", str(tmp_path / "dev_out.txt")]
+    sg.main(args)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    packing = next(e for e in events if e["event"] == "packing")
+    start = next(e for e in events if e["event"] == "start")
+    assert packing["sonnets"] == 4 and packing["block_size"] == 64
+    assert start["train_examples"] == packing["blocks"] > 4  # blocks, not sonnets, are the examples
+    epoch = next(e for e in events if e["event"] == "epoch")
+    # every block but the last is full: no padding, the tokens trained on are the packed stream
+    assert epoch["tokens"] > 64 * (packing["blocks"] - 1)
