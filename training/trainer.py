@@ -235,6 +235,8 @@ class Trainer:
                 self.log.write("stopped", task=task.name, epoch=epoch)
                 print(f"[{task.name}] stopped after epoch {epoch} (--stop_after_epoch); continue with --resume {self.run_dir}")
                 return FitResult(best_metrics, best_epoch, interrupted=True)
+            if self.world > 1:  # each rank its own dropout masks, reproducible and resumable by epoch
+                torch.manual_seed(args.seed + 1_000_003 * (epoch + 1) + dist.rank())
             train_stats = self.train_epoch(epoch, opt, sched, scaler, data_gen)
             metrics = self._evaluate()
             improved = self._better(metrics[task.metric], best)
