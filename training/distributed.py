@@ -59,19 +59,18 @@ def init_from_env(use_gpu: bool) -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(minutes=30))
-        if dist.get_rank() != 0:
-            _quiet_print()
+        _rank0_print(dist.get_rank() == 0)
     return device
 
 
-def _quiet_print() -> None:
-    """Only rank 0 prints (as torchvision's `setup_for_distributed`); `print(..., force=True)` still does."""
+def _rank0_print(main: bool) -> None:
+    """Only rank 0 prints (as torchvision's `setup_for_distributed`); `print(..., force=True)` prints anywhere."""
     import builtins
 
     original = builtins.print
 
     def rank0_print(*args, force: bool = False, **kwargs):
-        if force:
+        if main or force:
             original(*args, **kwargs)
 
     builtins.print = rank0_print

@@ -234,6 +234,7 @@ class Trainer:
             if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
                 self.log.write("stopped", task=task.name, epoch=epoch)
                 print(f"[{task.name}] stopped after epoch {epoch} (--stop_after_epoch); continue with --resume {self.run_dir}")
+                dist.keep_full_params(self.engine)
                 return FitResult(best_metrics, best_epoch, interrupted=True)
             if self.world > 1:  # each rank its own dropout masks, reproducible and resumable by epoch
                 torch.manual_seed(args.seed + 1_000_003 * (epoch + 1) + dist.rank())
