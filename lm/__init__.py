@@ -1,0 +1,1 @@
+"""Language-modelling lab: corpora and block packing, word-level RNN/LSTM/Transformer baselines."""

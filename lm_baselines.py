@@ -1,0 +1,146 @@
+"""Word-level language-model baselines on Penn Treebank: RNN (from scratch), LSTM, Transformer.
+
+    python lm_baselines.py --models rnn lstm transformer --epochs 3 --max_minutes 6 --out runs/lm_baselines/cpu
+
+One vocabulary (PTB train + `<eos>`) for all models.  After every epoch: train and valid
+perplexity; at the end: test perplexity, cross-domain perplexity on WikiText-2 and tiny
+Shakespeare (brought to PTB's conventions, unknown words -> `<unk>`, OOV rate reported), and
+greedy and temperature samples from the same prompts.  Writes results.md, results.json and
+loss/perplexity PNGs to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lm.baselines import TrainSettings, evaluate_ppl, sample_prompts, train_baseline
+from lm.corpus import find_data_file
+from lm.models import build_baseline
+from lm.report import write_results
+from lm.vocab import Vocabulary, read_english_sentences, read_ptb_sentences
+
+DEFAULT_PROMPTS = ["the company said", "in the first quarter", "the president of the"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["rnn", "lstm", "transformer"],
+                   choices=["rnn", "lstm", "transformer"], help="baselines to train, in this order")
+    p.add_argument("--ptb_dir", type=Path, default=None,
+                   help="directory with ptb.{train,valid,test}.txt (default: data/ptb, else ../shared/data/ptb)")
+    p.add_argument("--wikitext", type=Path, default=None, help="WikiText-2 file for cross-domain perplexity "
+                   "(default: wikitext-2/test.txt under data/ or ../shared/data)")
+    p.add_argument("--shakespeare", type=Path, default=None, help="tiny Shakespeare file (default: "
+                   "tinyshakespeare/input.txt under data/ or ../shared/data)")
+    p.add_argument("--cross_max_words", type=int, default=None,
+                   help="score only the first N words of each cross-domain corpus (default: all)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per model (upper bound, see --max_minutes)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="training-time budget per model; an epoch in progress is cut short when it runs out")
+    p.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cap the steps of every epoch")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (halved when valid ppl stalls)")
+    p.add_argument("--batch_size", type=int, default=32, help="BPTT columns (RNN/LSTM) or blocks (Transformer)")
+    p.add_argument("--bptt", type=int, default=35, help="truncated-BPTT length for the recurrent models")
+    p.add_argument("--clip", type=float, default=0.5, help="gradient-norm clipping")
+    p.add_argument("--hidden", type=int, default=256, help="embedding = hidden size of every model")
+    p.add_argument("--layers", type=int, default=2, help="recurrent layers (RNN, LSTM)")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout of every model")
+    p.add_argument("--tf_layers", type=int, default=4, help="transformer layers")
+    p.add_argument("--tf_heads", type=int, default=4, help="transformer attention heads")
+    p.add_argument("--tf_context", type=int, default=64, help="transformer context (training block) in words")
+    p.add_argument("--tf_batch_size", type=int, default=16, help="transformer blocks per step")
+    p.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="sampling prompts (PTB-style words)")
+    p.add_argument("--sample_words", type=int, default=25, help="words sampled per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled continuation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("runs/lm_baselines/latest"), help="results directory")
+    return p.parse_args(argv)
+
+
+def load_streams(args, log):
+    ptb = {split: read_ptb_sentences(args.ptb_dir / f"ptb.{split}.txt") if args.ptb_dir
+           else read_ptb_sentences(find_data_file(f"ptb/ptb.{split}.txt")) for split in ("train", "valid", "test")}
+    vocab = Vocabulary.from_sentences(ptb["train"])
+    streams = {split: vocab.encode(sents)[0] for split, sents in ptb.items()}
+    cross, oov = {}, {}
+    for name, path in (("WikiText-2", args.wikitext or find_data_file("wikitext-2/test.txt")),
+                       ("Shakespeare", args.shakespeare or find_data_file("tinyshakespeare/input.txt"))):
+        sentences = read_english_sentences(path)
+        if args.cross_max_words:
+            kept, n = [], 0
+            for s in sentences:
+                if n >= args.cross_max_words:
+                    break
+                kept.append(s)
+                n += len(s)
+            sentences = kept
+        ids, n_oov, n_words = vocab.encode(sentences)
+        cross[name], oov[name] = ids, n_oov / max(1, n_words)
+        log(f"{name}: {n_words} words from {path}, OOV rate {100 * oov[name]:.2f}%")
+    ptb_test_oov = sum(w == "<unk>" for s in ptb["test"] for w in s) / sum(len(s) for s in ptb["test"])
+    oov = {"PTB test (<unk> in the data)": ptb_test_oov, **oov}
+    log(f"vocabulary {len(vocab)} words; train {streams['train'].numel()} tokens, "
+        f"valid {streams['valid'].numel()}, test {streams['test'].numel()}")
+    return vocab, streams, cross, oov
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "log.txt", "a", encoding="utf-8")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    vocab, streams, cross, oov = load_streams(args, log)
+    settings = TrainSettings(epochs=args.epochs, max_minutes=args.max_minutes, lr=args.lr, batch_size=args.batch_size,
+                             bptt=args.bptt, clip=args.clip, max_steps_per_epoch=args.max_steps_per_epoch,
+                             seed=args.seed)
+    runs = []
+    for kind in args.models:
+        torch.manual_seed(args.seed)
+        if kind == "transformer":
+            model = build_baseline(kind, len(vocab), hidden_size=args.hidden, num_layers=args.tf_layers,
+                                   num_heads=args.tf_heads, context=args.tf_context, dropout=args.dropout)
+        else:
+            model = build_baseline(kind, len(vocab), hidden_size=args.hidden, num_layers=args.layers,
+                                   dropout=args.dropout)
+        model.to(args.device)
+        model_settings = dataclasses.replace(settings, batch_size=args.tf_batch_size) if kind == "transformer" else settings
+        run = train_baseline(model, model.name, streams, model_settings, log)
+        run.test_ppl = evaluate_ppl(model, streams["test"], settings)
+        for name, ids in cross.items():
+            run.cross_domain[name] = evaluate_ppl(model, ids, settings)
+        run.samples = sample_prompts(model, vocab, args.prompts, args.sample_words, args.temperature, args.seed)
+        log(f"{run.name}: best valid ppl {run.best_valid_ppl:.1f}, test ppl {run.test_ppl:.1f}, "
+            + ", ".join(f"{k} {v:.1f}" for k, v in run.cross_domain.items()))
+        runs.append(run)
+        budget = (f"up to {args.epochs} epochs" + (f" or {args.max_minutes:g} min" if args.max_minutes else "")
+                  + " per model")
+        settings_text = (f"Budget: {budget}; AdamW lr {args.lr:g} (halved when valid ppl stalls), batch "
+                         f"{args.batch_size} (Transformer {args.tf_batch_size} blocks), BPTT {args.bptt}, clip {args.clip:g}, hidden {args.hidden}, "
+                         f"RNN/LSTM {args.layers} layers, Transformer {args.tf_layers} layers x {args.tf_heads} heads, "
+                         f"context {args.tf_context} (scored with stride {args.tf_context // 2}), dropout "
+                         f"{args.dropout:g}, tied embeddings. 'minutes' = training + per-epoch validation.")
+        machine = (f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
+                   f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
+                   f"({os.cpu_count()} cores, shared with other jobs).")
+        paths = write_results(runs, oov, settings_text, machine, args.out)  # after every model: nothing lost
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    log_file.close()
+    return runs
+
+
+if __name__ == "__main__":
+    main()
