@@ -120,11 +120,13 @@ class SonnetWriter:
 
 def lm_loss(model: GPT2LMHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over real (non-pad) targets only."""
-    logits = model(input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction=reduction)
+    """Next-token cross-entropy over real (non-pad) targets only.
+
+    The targets are shifted (the last position gets none, -100) instead of the logits, so the
+    (B, T, V) logits are never sliced into a copy, nor their gradient scattered back into zeros."""
+    logits = model(input_ids, attention_mask)  # (B, T, V)
+    targets = F.pad(input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100), (0, 1), value=-100)  # (B, T)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 def encode_sonnets(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:

@@ -113,7 +113,7 @@ def main(argv=None) -> None:
                           "MFU transformers"], rows))
     if peak is None:
         print("\nMFU: n/a (no peak FLOP/s known for this device; pass --peak_flops)")
-    path = write_results(f"speed-{a.device}-{a.precision}{'-compiled' if a.compile else ''}",
+    path = write_results(f"speed-{a.device}-{a.precision}{'-compiled' if a.compile else ''}-T{'-'.join(map(str, a.seq_lens))}",
                          {"machine": machine, "model": a.model, "precision": a.precision, "compile": a.compile,
                           "threads": torch.get_num_threads(), "peak_flops": peak, "steps": steps,
                           "results": results})
