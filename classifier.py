@@ -25,6 +25,7 @@ from models.gpt2 import GPT2Model
 from tasks.data import read_sentiment, write_sentiment_predictions
 from training.batching import pad_right
 from training.build import build_model, load_tokenizer_for, seed_everything, select_device
+from training.distributed import is_main
 from training.cli import add_common_args, check_common_args
 from training.efficient import freeze
 from training.inference import batched_inference
@@ -141,8 +142,9 @@ def run_dataset(name: str, args: argparse.Namespace, tokenizer, device: torch.de
     for split in ("dev", "test"):
         preds = predict(model, split)
         path = Path(args.predictions_dir) / f"{args.fine_tune_mode}-{name}-{split}-out.csv"
-        write_sentiment_predictions(path, [e.id for e in splits[split]], preds, expected_rows=len(splits[split]))
-        print(f"[{name}] wrote {len(preds)} {split} predictions to {path}")
+        if is_main():  # under torchrun every rank holds all the gathered predictions; rank 0 writes
+            write_sentiment_predictions(path, [e.id for e in splits[split]], preds, expected_rows=len(splits[split]))
+            print(f"[{name}] wrote {len(preds)} {split} predictions to {path}")
     dev = result.best_metrics
     print(f"[{name}] best epoch {result.best_epoch}: dev accuracy {dev['accuracy']:.4f}, dev macro F1 {dev['f1']:.4f}")
     return dev

@@ -37,6 +37,7 @@ from models.gpt2 import GPT2LMHeadModel
 from tasks.data import NO_TOKEN_ID, YES_TOKEN_ID, read_paraphrase, write_paraphrase_predictions
 from training.batching import pad_right
 from training.build import build_model, load_tokenizer_for, seed_everything, select_device
+from training.distributed import is_main
 from training.cli import add_common_args, check_common_args
 from training.inference import batched_inference
 from training.trainer import MetricsLog, Trainer, TrainTask, default_run_dir
@@ -160,8 +161,9 @@ def main(argv=None) -> dict | None:
     model.eval()
     for split, out in (("dev", args.para_dev_out), ("test", args.para_test_out)):
         tokens = LABEL_TOKENS[torch.tensor(predict(model, split))].tolist()
-        write_paraphrase_predictions(out, [e.id for e in splits[split]], tokens, expected_rows=len(splits[split]))
-        print(f"[para] wrote {len(tokens)} {split} predictions to {out}")
+        if is_main():  # under torchrun every rank holds all the gathered predictions; rank 0 writes
+            write_paraphrase_predictions(out, [e.id for e in splits[split]], tokens, expected_rows=len(splits[split]))
+            print(f"[para] wrote {len(tokens)} {split} predictions to {out}")
     dev = result.best_metrics
     print(f"[para] best epoch {result.best_epoch}: dev accuracy {dev['accuracy']:.4f}, dev F1 {dev['f1']:.4f}")
     return dev

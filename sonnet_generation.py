@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from evaluation.sonnets import chrf, read_numbered_sonnets, write_generated_sonnets
 from models.generation import left_pad, newline_counts
 from models.gpt2 import GPT2LMHeadModel
-from training.batching import pad_right
+from training.batching import pack_sequences, pad_right
 from training.build import autocast, build_model, load_tokenizer_for, seed_everything, select_device
+from training.distributed import is_main
 from training.cli import add_common_args, check_common_args
 from training.trainer import MetricsLog, Trainer, TrainTask, default_run_dir
 
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--select_by", choices=["chrf", "loss"], default="chrf",
                    help="dev metric choosing the best epoch: chrF of completions (generates every epoch) "
                         "or LM loss on the gold dev sonnets")
+    p.add_argument("--pack_sequences", action="store_true",
+                   help="train on the sonnets concatenated (EOS between them) and cut into --max_length blocks: "
+                        "no padding, fuller batches; attention crosses sonnet boundaries as in GPT-2 pre-training")
     g = p.add_argument_group("decoding (arguments of model.generate)")
     g.add_argument("--decoding", choices=DECODING, default="top-p")
     g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (sampling modes)")
@@ -116,11 +120,13 @@ class SonnetWriter:
 
 def lm_loss(model: GPT2LMHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over real (non-pad) targets only."""
-    logits = model(input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction=reduction)
+    """Next-token cross-entropy over real (non-pad) targets only.
+
+    The targets are shifted (the last position gets none, -100) instead of the logits, so the
+    (B, T, V) logits are never sliced into a copy, nor their gradient scattered back into zeros."""
+    logits = model(input_ids, attention_mask)  # (B, T, V)
+    targets = F.pad(input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100), (0, 1), value=-100)  # (B, T)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 def encode_sonnets(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
@@ -153,6 +159,11 @@ def main(argv=None) -> dict | None:
     if truncated or dev_truncated:
         print(f"[sonnet] {truncated} training and {dev_truncated} dev sonnets longer than {max_length} tokens; kept their start")
     pad_id = tokenizer.eos_token_id
+    if args.pack_sequences:
+        n_sonnets = len(train_ids)
+        train_ids = pack_sequences(train_ids, tokenizer.eos_token_id, max_length)
+        print(f"[sonnet] packed {n_sonnets} training sonnets into {len(train_ids)} blocks of <= {max_length} tokens")
+        log.write("packing", sonnets=n_sonnets, blocks=len(train_ids), block_size=max_length)
     writer = SonnetWriter(tokenizer, args, device)
 
     def make_batch(indices):
@@ -185,11 +196,13 @@ def main(argv=None) -> dict | None:
     model.eval()
     dev_texts = result.best_metrics.get("dev_sonnets") or writer.complete(model, [p for _, p in dev_prompts])
     dev_chrf = chrf(dev_texts, dev_gold)
-    write_generated_sonnets(args.sonnet_dev_out, [(n, t) for (n, _), t in zip(dev_prompts, dev_texts)])
+    if is_main():  # every rank generates the same sonnets (same seed and weights); rank 0 writes
+        write_generated_sonnets(args.sonnet_dev_out, [(n, t) for (n, _), t in zip(dev_prompts, dev_texts)])
     test_texts = writer.complete(model, [p for _, p in test_prompts])
     if len(test_texts) != len(test_prompts):
         raise RuntimeError(f"{len(test_texts)} sonnets generated for {len(test_prompts)} prompts")
-    write_generated_sonnets(args.sonnet_out, [(n, t) for (n, _), t in zip(test_prompts, test_texts)])
+    if is_main():
+        write_generated_sonnets(args.sonnet_out, [(n, t) for (n, _), t in zip(test_prompts, test_texts)])
     metrics = {"loss": result.best_metrics["loss"], "chrf": dev_chrf}
     log.write("final", best_epoch=result.best_epoch, dev=metrics)
     print(f"[sonnet] best epoch {result.best_epoch} (by dev {args.select_by}): dev loss {metrics['loss']:.4f}, "

@@ -10,12 +10,14 @@ import torch
 
 
 def select_device(use_gpu: bool) -> torch.device:
-    if not use_gpu:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
+    """This process's device.  Under torchrun (WORLD_SIZE > 1) also joins the process group
+    (nccl on CUDA, gloo on the CPU) and picks the GPU of LOCAL_RANK; see training/distributed.py."""
+    from training.distributed import init_from_env
+
+    if use_gpu and not torch.cuda.is_available():
         raise SystemExit("--use_gpu was given but no CUDA device is available (torch.cuda.is_available() "
                          "is False); drop --use_gpu to run on the CPU or install a CUDA build of torch")
-    return torch.device("cuda")
+    return init_from_env(use_gpu)
 
 
 def autocast(device: torch.device, precision: str):

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from modules.attention_patterns import add_attention_args, attention_overrides
+from training.distributed import env_world_size
 from training.efficient import add_efficiency_args, check_efficiency_args
+from training.speed import add_speed_args
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_size: int = 8,
@@ -11,8 +14,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_
     """Model, device, precision, optimisation, run-directory and smoke-run flags.
 
     Each script passes its own defaults (the starter's) for epochs, batch size and learning rate.
-    Config overrides from other parts of the codebase (e.g. sparse-attention flags) are added here
-    too when their module is present, so every script gets them.
+    The efficiency (LoRA, freezing, checkpointing), speed (compile, FSDP, MFU) and attention-pattern
+    flags are added here too, so every script gets them.
     """
     g = parser.add_argument_group("model")
     g.add_argument("--model_size", type=str, default=model_size,
@@ -52,21 +55,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples of every split (smoke runs)")
     g.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
     add_efficiency_args(parser)
-    try:
-        from modules.attention_patterns import add_attention_args
-    except ImportError:
-        pass
-    else:
-        add_attention_args(parser)
+    add_speed_args(parser)
+    add_attention_args(parser)
     return parser
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
-    """Model-config overrides implied by the common flags (attention patterns, when present)."""
-    try:
-        from modules.attention_patterns import attention_overrides
-    except ImportError:
-        return {}
+    """Model-config overrides implied by the common flags (the attention pattern flags)."""
     return dict(attention_overrides(args))
 
 
@@ -84,3 +79,11 @@ def check_common_args(args: argparse.Namespace) -> None:
     if args.max_length is not None and args.max_length < 8:
         raise SystemExit(f"--max_length must be >= 8, got {args.max_length}")
     check_efficiency_args(args)
+    if getattr(args, "fsdp", False) and env_world_size() < 2:
+        raise SystemExit("--fsdp shards the model over several processes; start the script with "
+                         "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+    if getattr(args, "fsdp", False) and getattr(args, "peft", "none") != "none":
+        raise SystemExit("--fsdp with --peft lora is not supported (adapter-only checkpoints are not gathered "
+                         "across shards); LoRA models are small enough for DistributedDataParallel: drop --fsdp")
+    if getattr(args, "peak_flops", None) is not None and args.peak_flops <= 0:
+        raise SystemExit(f"--peak_flops must be > 0 (FLOP/s of one device), got {args.peak_flops}")
