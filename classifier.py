@@ -88,7 +88,8 @@ def accuracy_f1(preds: list[int], labels: list[int], num_labels: int) -> dict:
     from sklearn.metrics import f1_score
 
     acc = sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
-    return {"accuracy": acc, "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels))))}
+    return {"accuracy": acc, "f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
+                                                         zero_division=0))}
 
 
 def run_dataset(name: str, args: argparse.Namespace, tokenizer, device: torch.device, run_dir: Path) -> Optional[dict]:
@@ -127,7 +128,7 @@ def run_dataset(name: str, args: argparse.Namespace, tokenizer, device: torch.de
         return accuracy_f1(predict(model, "dev"), [e.label for e in splits["dev"]], num_labels)
 
     task = TrainTask(name, [len(s) for s in seqs["train"]], make_batch, loss_fn, evaluate, metric="accuracy")
-    result = Trainer(model, task, args, device, run_dir / name, log).fit()
+    result = Trainer(model, task, args, device, run_dir / name, log, resume_dir=run_dir).fit()
     if result.interrupted:
         return None
     model.eval()

@@ -172,7 +172,9 @@ def main(argv=None) -> dict | None:
             count += int(mask[:, 1:].sum())
         metrics = {"loss": total / count}
         if args.select_by == "chrf":
-            metrics["chrf"] = chrf(writer.complete(model, [p for _, p in dev_prompts]), dev_gold)
+            texts = writer.complete(model, [p for _, p in dev_prompts])
+            # The texts travel with the metrics (log, checkpoint), so the best epoch's need no regeneration.
+            metrics.update(chrf=chrf(texts, dev_gold), dev_sonnets=texts)
         return metrics
 
     task = TrainTask("sonnet", [len(s) for s in train_ids], make_batch, loss_fn, evaluate,
@@ -181,14 +183,14 @@ def main(argv=None) -> dict | None:
     if result.interrupted:
         return None
     model.eval()
-    dev_texts = writer.complete(model, [p for _, p in dev_prompts])
+    dev_texts = result.best_metrics.get("dev_sonnets") or writer.complete(model, [p for _, p in dev_prompts])
     dev_chrf = chrf(dev_texts, dev_gold)
     write_generated_sonnets(args.sonnet_dev_out, [(n, t) for (n, _), t in zip(dev_prompts, dev_texts)])
     test_texts = writer.complete(model, [p for _, p in test_prompts])
     if len(test_texts) != len(test_prompts):
         raise RuntimeError(f"{len(test_texts)} sonnets generated for {len(test_prompts)} prompts")
     write_generated_sonnets(args.sonnet_out, [(n, t) for (n, _), t in zip(test_prompts, test_texts)])
-    metrics = {**result.best_metrics, "chrf": dev_chrf}
+    metrics = {"loss": result.best_metrics["loss"], "chrf": dev_chrf}
     log.write("final", best_epoch=result.best_epoch, dev=metrics)
     print(f"[sonnet] best epoch {result.best_epoch} (by dev {args.select_by}): dev loss {metrics['loss']:.4f}, "
           f"dev chrF {dev_chrf:.2f}; wrote {len(dev_texts)} dev sonnets to {args.sonnet_dev_out} and "

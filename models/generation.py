@@ -255,7 +255,10 @@ def _prefill(model, input_ids, mask, padded, batch_size, max_len):
     """Fill the KV cache with the prompts; returns (last-position logits (B, V), full mask
     (B, max_len) or None, next position of each row (B, 1) or None)."""
     B, P = input_ids.shape
-    model.setup_kv_cache(batch_size, max_len)
+    device_type = input_ids.device.type
+    # Under autocast keys and values come out in the autocast dtype: store them that way.
+    cache_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    model.setup_kv_cache(batch_size, max_len, dtype=cache_dtype)
     if not padded:
         return _next_logits(model, input_ids, None, None, 0), None, None
     full_mask = torch.ones((B, max_len), dtype=torch.long, device=input_ids.device)

@@ -158,3 +158,13 @@ def test_sonnet_decoding_flags():
     for bad in (["--decoding", "top-k"], ["--top_k", "5"], ["--decoding", "beam"], ["--num_beams", "2"]):
         with pytest.raises(SystemExit):
             sg.parse_args(bad)
+
+
+def test_classifier_truncation_keeps_the_end(tokenizer_dir):
+    from classifier import encode_texts
+    from models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    [cut, short, empty], n = encode_texts(tok, ["one two three four five six seven eight nine ten", "hi", ""], 4)
+    assert n == 1 and tok.decode(cut) == " seven eight nine ten" and tok.decode(short) == "hi"
+    assert empty == [tok.eos_token_id]

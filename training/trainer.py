@@ -104,9 +104,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float):
 
 class Trainer:
     def __init__(self, model: nn.Module, task: TrainTask, args: argparse.Namespace, device: torch.device,
-                 run_dir: Path, log: Optional[MetricsLog] = None):
+                 run_dir: Path, log: Optional[MetricsLog] = None, resume_dir: Optional[Path] = None):
+        """`resume_dir`: what `--resume` takes to continue this run (default `run_dir`; scripts that
+        train several tasks keep each in a sub-directory of one run directory)."""
         self.model, self.task, self.args, self.device = model, task, args, device
         self.run_dir = Path(run_dir)
+        self.resume_dir = Path(resume_dir or run_dir)
         self.log = log or MetricsLog(self.run_dir / "metrics.jsonl")
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class Trainer:
                 if k not in _RESUME_FREE and saved.get(k) != now.get(k)}
         if diff:
             lines = ", ".join(f"--{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise SystemExit(f"--resume {self.run_dir}: the run was started with other arguments ({lines}); "
+            raise SystemExit(f"--resume {self.resume_dir}: the run was started with other arguments ({lines}); "
                              f"resume with the same arguments")
 
     def _evaluate(self) -> dict:
@@ -175,7 +178,7 @@ class Trainer:
         for epoch in range(start_epoch, args.epochs):
             if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
                 self.log.write("stopped", task=task.name, epoch=epoch)
-                print(f"[{task.name}] stopped after epoch {epoch} (--stop_after_epoch); continue with --resume {self.run_dir}")
+                print(f"[{task.name}] stopped after epoch {epoch} (--stop_after_epoch); continue with --resume {self.resume_dir}")
                 return FitResult(best_metrics, best_epoch, interrupted=True)
             train_stats = self.train_epoch(epoch, opt, sched, scaler, data_gen)
             metrics = self._evaluate()
