@@ -9,10 +9,10 @@ dropped).  Training runs on the shared trainer (`training/`: AdamW, warm-up + li
 precision, accumulation, checkpoints, `--resume`, metrics.jsonl); after every epoch the valid loss
 and perplexity are reported and the best epoch is kept.  The best model is saved in Hugging Face
 format to `RUN_DIR/model` (with the tokenizer files), which every script loads with
-`--model_size RUN_DIR/model` -- e.g. poetry pretraining, then sonnet fine-tuning:
+`--init_checkpoint RUN_DIR/model` (or `--model_size RUN_DIR/model`) -- e.g. poetry pretraining, then sonnet fine-tuning:
 
     python pretrain.py --model_size gpt2 --corpus data/poetry/PoetryFoundationData.csv --run_dir runs/pretrain/poetry --use_gpu
-    python sonnet_generation.py --model_size runs/pretrain/poetry/model --use_gpu
+    python sonnet_generation.py --init_checkpoint runs/pretrain/poetry/model --use_gpu
 
 (Reference: pretraining on the Poetry Foundation poems before sonnet fine-tuning raised sonnet
 chrF from 40.5 to 41.4 in the CS224N report this codebase follows.)
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     model_dir = model.save_pretrained(run_dir / "model")
     copy_tokenizer_files(args, model_dir)
     print(f"best epoch {result.best_epoch}: valid ppl {result.best_metrics['valid_ppl']:.2f}; "
-          f"saved {model_dir} (use --model_size {model_dir})")
+          f"saved {model_dir} (start a task script from it with --init_checkpoint {model_dir})")
     return {"run_dir": run_dir, "model_dir": model_dir, "best": result.best_metrics, "epochs": epochs}
 
 

@@ -57,3 +57,23 @@ def test_pretrain_rejects_missing_corpus(tmp_path):
 
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--corpus", str(tmp_path / "nope.txt")])
+
+
+def test_init_checkpoint_starts_task_scripts_from_the_saved_weights(tmp_path):
+    """`--init_checkpoint DIR` (what pretrain.py prints) makes every script build its model from DIR."""
+    from training.build import build_model
+    from training.cli import add_common_args, check_common_args
+
+    torch.manual_seed(7)
+    saved = GPT2LMHeadModel.from_name_or_path("tiny")
+    saved.save_pretrained(tmp_path / "model")
+    parser = add_common_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--model_size", "gpt2", "--init_checkpoint", str(tmp_path / "model")])
+    check_common_args(args)
+    model = build_model(GPT2LMHeadModel, args)
+    for (name, a), b in zip(saved.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(SystemExit, match="--init_checkpoint .*config.json"):
+        check_common_args(parser.parse_args(["--init_checkpoint", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="--random_init"):
+        check_common_args(parser.parse_args(["--init_checkpoint", str(tmp_path / "model"), "--random_init"]))

@@ -21,6 +21,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_
     g.add_argument("--model_size", type=str, default=model_size,
                    help="preset (tiny = random init, no download; gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
                         "hub name, or local Hugging Face checkpoint directory")
+    g.add_argument("--init_checkpoint", type=str, default=None, metavar="DIR",
+                   help="start from the weights in DIR, a checkpoint directory written by pretrain.py or "
+                        "save_pretrained (config.json + model.safetensors); takes the place of --model_size")
     g.add_argument("--random_init", action="store_true",
                    help="build the architecture of --model_size with random weights (no download)")
     g.add_argument("--tokenizer", type=str, default=None,
@@ -76,6 +79,15 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
+    if getattr(args, "init_checkpoint", None):
+        from pathlib import Path
+
+        if not (Path(args.init_checkpoint) / "config.json").is_file():
+            raise SystemExit(f"--init_checkpoint {args.init_checkpoint}: expected a checkpoint directory holding "
+                             f"config.json and model.safetensors (pretrain.py writes one to RUN_DIR/model)")
+        if args.random_init:
+            raise SystemExit("--init_checkpoint loads weights; it cannot be combined with --random_init")
+        args.model_size = args.init_checkpoint
     if args.max_length is not None and args.max_length < 8:
         raise SystemExit(f"--max_length must be >= 8, got {args.max_length}")
     check_efficiency_args(args)
