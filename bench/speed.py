@@ -14,27 +14,15 @@ bench/results/speed-<device>-<precision>.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
 import torch.nn.functional as F
-import transformers
 
 from bench.common import machine_description, markdown_table, median, time_interleaved, write_results
-from config import GPT2Config
-from models.gpt2 import GPT2LMHeadModel
+from bench.model import build_pair
 from optimizer import AdamW
 from training.build import autocast
 from training.speed import enable_tf32, flops_per_token, matmul_params, peak_flops
-
-
-def build_pair(preset: str, device: torch.device):
-    torch.manual_seed(0)
-    ours = GPT2LMHeadModel(GPT2Config.from_name(preset))
-    with tempfile.TemporaryDirectory() as tmp:
-        ours.save_pretrained(tmp)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, attn_implementation="sdpa")
-    return ours.to(device), hf.to(device)
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,10 @@ beta 2, no word n-grams), `corpus_score(generated, [gold]).score`.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from training.checkpoint import atomic_write_text
 
 GENERATED_HEADER = "--Generated Sonnets--"
 _NUMBER_LINE = re.compile(r"^\s*(\d+)\s*$")
@@ -86,17 +86,7 @@ def write_generated_sonnets(path: str | Path, items: list[tuple[int, str]]) -> P
         if not isinstance(index, int):
             raise TypeError(f"sonnet index must be an int, got {index!r}")
         parts.append(f"\n{index}\n{sonnet}\n\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(parts))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, "".join(parts))
 
 
 def chrf(generated: list[str], gold: list[str]) -> float:

@@ -18,13 +18,13 @@ starter's exact formats:
 from __future__ import annotations
 
 import csv
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+from training.checkpoint import atomic_write_text
 
 csv.field_size_limit(sys.maxsize)  # CFIMDB reviews are long
 
@@ -191,21 +191,6 @@ def read_paraphrase(path: str | Path, labeled: bool = True) -> list[ParaphraseEx
 
 
 # ---- prediction files -----------------------------------------------------------------------
-def _atomic_write(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_predictions(path: str | Path, header: str, ids: Sequence[str], values: Sequence[int],
                       expected_rows: Optional[int] = None) -> Path:
     """Write `header` then `{id} , {value} ` per row; refuses a row count that differs from the input's."""
@@ -214,7 +199,7 @@ def write_predictions(path: str | Path, header: str, ids: Sequence[str], values:
     if expected_rows is not None and len(ids) != expected_rows:
         raise ValueError(f"{path}: {len(ids)} predictions for {expected_rows} input rows; refusing to write")
     lines = [f"{header}\n"] + [f"{i} , {int(v)} \n" for i, v in zip(ids, values)]
-    return _atomic_write(path, "".join(lines))
+    return atomic_write_text(path, "".join(lines))
 
 
 def write_sentiment_predictions(path, ids, labels, expected_rows=None) -> Path:

@@ -14,7 +14,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TOKENIZER_DIR = Path(os.environ.get("GPT2_TOKENIZER_DIR", SHARED_DATA / "gpt2-tokenizer"))
 CS224N_DATA = SHARED_DATA / "cs224n"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine two threads
+# spin-wait for each other (tiny steps up to 30x slower): the whole suite runs on one thread.
+torch.set_num_threads(1)
 
 
 def tiny_hf_config(**overrides):

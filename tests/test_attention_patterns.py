@@ -20,16 +20,6 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation (and, on a shared
-    machine, waits for a busy core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_keys(pattern: str, l: int, window: int) -> set[int]:
     """The keys position l attends to, straight from the definitions, in plain Python."""
     dense = set(range(l + 1))

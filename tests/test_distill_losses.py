@@ -16,15 +16,6 @@ from distillation.models import (Distiller, StudentWithAligner, every_kth_layers
 from models.gpt2 import GPT2LMHeadModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread; on a shared CPU two threads spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small(layers=4, hidden=32, heads=4, seed=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=97, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -22,14 +22,6 @@ from training.efficient import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(dropout: float = 0.0, layers: int = 4) -> GPT2Config:
     return GPT2Config(vocab_size=97, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                       max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)

@@ -109,15 +109,7 @@ def test_paraphrase_loss_reduces_to_cross_entropy_and_adds_kl():
     assert torch.allclose(paraphrase_loss(logits, labels, ones, logits.clone(), 0.3), F.cross_entropy(logits, labels))
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_tiny_end_to_end_generate_filter_build_train(tmp_path, tokenizer_dir, one_thread):
+def test_tiny_end_to_end_generate_filter_build_train(tmp_path, tokenizer_dir):
     import impossible_distillation as idist
     import paraphrase_detection as para
     from cs224n_files import quora_pairs, write_quora

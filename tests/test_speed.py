@@ -23,15 +23,6 @@ from training.trainer import Trainer, TrainTask
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads can be 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_flops_per_token_is_palm_estimate_for_gpt2_small():
     # GPT-2 small: 124,439,808 parameters of which 786,432 (1024 x 768) are position embeddings.
     n = 124_439_808 - 1024 * 768
@@ -113,7 +104,7 @@ def _loss_curve(tmp_path, *argv, steps=3):
     return torch.stack([x.float() for x in losses]), model
 
 
-def test_no_host_sync_inside_training_steps(tmp_path, monkeypatch, one_thread):
+def test_no_host_sync_inside_training_steps(tmp_path, monkeypatch):
     """Every tensor -> host conversion from the first batch of a 6-step epoch on is counted (the
     shuffling before it works on CPU tensors only): the only one allowed is the loss read-back after
     the last batch (LOG_EVERY is 10 batches).  On CUDA each would be a device sync."""
@@ -140,7 +131,7 @@ def test_no_host_sync_inside_training_steps(tmp_path, monkeypatch, one_thread):
     assert calls == ["item"], calls  # the read-back after the last batch, nothing per step
 
 
-def test_bf16_autocast_loss_tracks_fp32(tmp_path, one_thread):
+def test_bf16_autocast_loss_tracks_fp32(tmp_path):
     """Documented tolerance: bf16 keeps 8 mantissa bits (relative rounding 2^-8 ~ 0.4%); over 3
     steps of a tiny LM the per-step losses agree within 2% relative."""
     fp32, _ = _loss_curve(tmp_path / "a")
@@ -159,7 +150,7 @@ def _compile_available() -> str | None:
     return None
 
 
-def test_compiled_training_matches_eager(tmp_path, one_thread):
+def test_compiled_training_matches_eager(tmp_path):
     reason = _compile_available()
     if reason:
         pytest.skip(reason)
@@ -177,7 +168,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path, one_thread):
+def test_two_gloo_ranks_equal_one_process(tmp_path):
     """2 ranks x batch 2 == 1 process x batch 4, with DDP and with FSDP: same weights after 6 steps
     (11 examples, so the last global batch of 3 splits 2 + 1), same dev losses, one prediction per
     input on every rank, and rank 0 alone writes the run directory."""
@@ -218,7 +209,7 @@ def test_fsdp_needs_torchrun():
         check_common_args(_args("--peak_flops", "0"))
 
 
-def test_mfu_logged_with_peak_flops(tmp_path, one_thread):
+def test_mfu_logged_with_peak_flops(tmp_path):
     model, task = _tiny_lm(), _lm_task(n=8)
     Trainer(model, task, _args("--batch_size", "4", "--epochs", "1", "--peak_flops", "1e10"),
             torch.device("cpu"), tmp_path).fit()
@@ -241,7 +232,7 @@ def test_pack_sequences_keeps_every_token_in_order():
         pack_sequences(seqs, 0, 1)
 
 
-def test_sonnet_generation_with_packing(tmp_path, tokenizer_dir, one_thread):
+def test_sonnet_generation_with_packing(tmp_path, tokenizer_dir):
     import random
 
     import sonnet_generation as sg

@@ -13,15 +13,6 @@ from tasks.data import NO_TOKEN_ID, PARAPHRASE_HEADER, SENTIMENT_HEADER, YES_TOK
 FAST = ["--model_size", "tiny", "--no_progress", "--batch_size", "8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a shared CPU two threads spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sentiment_files(d, name, num_labels, n_train, n_dev, n_test, seed=0):
     out = []
     for split, n, test in (("train", n_train, False), ("dev", n_dev, False), ("test", n_test, True)):

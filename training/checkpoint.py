@@ -11,19 +11,33 @@ import numpy as np
 import torch
 
 
-def save_atomic(obj, path: str | Path) -> Path:
+def atomic_write(path: str | Path, write) -> Path:
+    """Create `path` through `write(tmp_path)` into a temporary file in the same directory, then
+    `os.replace` it into place: readers see the old file or the whole new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+    return atomic_write(path, write)
+
+
+def save_atomic(obj, path: str | Path) -> Path:
+    """`torch.save` to `path` atomically."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: str | Path, map_location="cpu"):
