@@ -151,7 +151,7 @@ def bidirectional_critic(model, tokenizer, device, batch_size: int, max_length: 
     """pairs -> min(P(yes | a, b), P(yes | b, a)) under the cloze paraphrase detector."""
     import torch
 
-    from paraphrase_detection import encode_pairs, two_way_logits
+    from tasks.paraphrase import encode_pairs, two_way_logits
     from training.inference import batched_inference
 
     def score(pairs):

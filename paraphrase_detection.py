@@ -15,7 +15,8 @@ cross-entropy over the same two logits, so training optimises exactly the decisi
 (The starter used the cross-entropy over the full vocabulary; the two-way loss ignores the other
 50,255 tokens, which never decide a prediction.)
 
-The template pieces and the questions are tokenized separately and concatenated, the same way for
+The formulation (template, truncation, two-way logits) lives in `tasks/paraphrase.py`, shared with
+Impossible Distillation's critic.  The template pieces and the questions are tokenized separately and concatenated, the same way for
 every split.  A pair longer than `--max_length` tokens keeps the whole template and the answer slot
 and truncates the questions (the longer one first, each keeping its beginning); the number of
 truncated pairs is printed and logged.
@@ -29,21 +30,17 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from distillation import synthetic
 from models.gpt2 import GPT2LMHeadModel
-from tasks.data import NO_TOKEN_ID, YES_TOKEN_ID, read_paraphrase, write_paraphrase_predictions
+from tasks.data import read_paraphrase, write_paraphrase_predictions
+from tasks.paraphrase import LABEL_TOKENS, accuracy_f1, encode_pairs, two_way_logits
 from training.batching import pad_right
 from training.build import build_model, load_tokenizer_for, seed_everything, select_device
 from training.distributed import is_main
 from training.cli import add_common_args, check_common_args
 from training.inference import batched_inference
 from training.trainer import MetricsLog, Trainer, TrainTask, default_run_dir
-
-PROMPT = ('Question 1: "', '"\nQuestion 2: "', '"\nAre these two questions asking the same thing? Answer yes or no.\n')
-LABEL_TOKENS = torch.tensor([NO_TOKEN_ID, YES_TOKEN_ID])  # class 0 = "no", class 1 = "yes"
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,45 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_common_args(args)
     synthetic.check_synthetic_args(args)
     return args
-
-
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> tuple[list[list[int]], int]:
-    """Prompt token ids of each pair, truncated to `max_length` as the module docstring says."""
-    pre, mid, suf = (tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in PROMPT)
-    budget = max_length - len(pre) - len(mid) - len(suf)
-    if budget < 2:
-        raise SystemExit(f"--max_length {max_length} leaves no room for the questions "
-                         f"(the template alone takes {max_length - budget} tokens)")
-    firsts = tokenizer([a for a, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    seconds = tokenizer([b for _, b in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    out, truncated = [], 0
-    for a, b in zip(firsts, seconds):
-        if len(a) + len(b) > budget:
-            truncated += 1
-            half = budget // 2
-            if len(a) <= half:
-                b = b[: budget - len(a)]
-            elif len(b) <= budget - half:
-                a = a[: budget - len(b)]
-            else:
-                a, b = a[:half], b[: budget - half]
-        out.append(pre + a + mid + b + suf)
-    return out, truncated
-
-
-def two_way_logits(model: GPT2LMHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits of ("no", "yes") as the next token after each row's last non-pad position, (B, 2)."""
-    last = model.gpt(input_ids, attention_mask)["last_token"]  # (B, D)
-    return F.linear(last, model.lm_head_weight[LABEL_TOKENS.to(last.device)])  # (B, 2)
-
-
-def accuracy_f1(preds: list[int], labels: list[int]) -> dict:
-    """Accuracy and F1 of the paraphrase class (1 = yes)."""
-    tp = sum(1 for p, y in zip(preds, labels) if p == 1 and y == 1)
-    fp = sum(1 for p, y in zip(preds, labels) if p == 1 and y == 0)
-    fn = sum(1 for p, y in zip(preds, labels) if p == 0 and y == 1)
-    acc = sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
-    return {"accuracy": acc, "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
 
 
 def main(argv=None) -> dict | None:

@@ -83,7 +83,7 @@ def lm_task(args: argparse.Namespace, tokenizer, distiller: Distiller, device) -
 
 def para_task(args: argparse.Namespace, tokenizer, distiller: Distiller, device) -> tuple[TrainTask, Callable]:
     from models.gpt2 import last_token_index
-    from paraphrase_detection import LABEL_TOKENS, accuracy_f1, encode_pairs, two_way_logits
+    from tasks.paraphrase import LABEL_TOKENS, accuracy_f1, encode_pairs, two_way_logits
     from tasks.data import read_paraphrase
     from training.batching import pad_right
     from training.inference import batched_inference

@@ -98,7 +98,7 @@ def test_paraphrase_end_to_end(tmp_path, tokenizer_dir):
 
 def test_paraphrase_prompt_and_truncation(tokenizer_dir):
     from models.tokenizer import load_tokenizer
-    from paraphrase_detection import encode_pairs
+    from tasks.paraphrase import encode_pairs
 
     tok = load_tokenizer(str(tokenizer_dir))
     [full], n = encode_pairs(tok, [("Is it red?", "Is it blue?")], 1024)

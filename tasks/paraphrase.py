@@ -1,0 +1,58 @@
+"""The cloze formulation of Quora paraphrase detection, shared by `paraphrase_detection.py` and
+Impossible Distillation's critic: ONE prompt template, its truncation rule, the two answer tokens.
+
+    Question 1: "{sentence1}"
+    Question 2: "{sentence2}"
+    Are these two questions asking the same thing? Answer yes or no.
+    <- the next token is read here: "yes" (8505) or "no" (3919)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.gpt2 import GPT2LMHeadModel
+from tasks.data import NO_TOKEN_ID, YES_TOKEN_ID
+
+PROMPT = ('Question 1: "', '"\nQuestion 2: "', '"\nAre these two questions asking the same thing? Answer yes or no.\n')
+LABEL_TOKENS = torch.tensor([NO_TOKEN_ID, YES_TOKEN_ID])  # class 0 = "no", class 1 = "yes"
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> tuple[list[list[int]], int]:
+    """Prompt token ids of each pair, truncated to `max_length`: a pair that does not fit keeps the whole template and the
+    answer slot and cuts the questions (the longer one first, each keeping its beginning)."""
+    pre, mid, suf = (tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in PROMPT)
+    budget = max_length - len(pre) - len(mid) - len(suf)
+    if budget < 2:
+        raise SystemExit(f"--max_length {max_length} leaves no room for the questions "
+                         f"(the template alone takes {max_length - budget} tokens)")
+    firsts = tokenizer([a for a, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    seconds = tokenizer([b for _, b in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    out, truncated = [], 0
+    for a, b in zip(firsts, seconds):
+        if len(a) + len(b) > budget:
+            truncated += 1
+            half = budget // 2
+            if len(a) <= half:
+                b = b[: budget - len(a)]
+            elif len(b) <= budget - half:
+                a = a[: budget - len(b)]
+            else:
+                a, b = a[:half], b[: budget - half]
+        out.append(pre + a + mid + b + suf)
+    return out, truncated
+
+
+def two_way_logits(model: GPT2LMHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of ("no", "yes") as the next token after each row's last non-pad position, (B, 2)."""
+    last = model.gpt(input_ids, attention_mask)["last_token"]  # (B, D)
+    return F.linear(last, model.lm_head_weight[LABEL_TOKENS.to(last.device)])  # (B, 2)
+
+
+def accuracy_f1(preds: list[int], labels: list[int]) -> dict:
+    """Accuracy and F1 of the paraphrase class (1 = yes)."""
+    tp = sum(1 for p, y in zip(preds, labels) if p == 1 and y == 1)
+    fp = sum(1 for p, y in zip(preds, labels) if p == 1 and y == 0)
+    fn = sum(1 for p, y in zip(preds, labels) if p == 0 and y == 1)
+    acc = sum(int(p == y) for p, y in zip(preds, labels)) / len(labels)
+    return {"accuracy": acc, "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
