@@ -92,8 +92,8 @@ class GPT2Config:
             max_position_embeddings=hf["n_positions"],
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             initializer_range=hf.get("initializer_range", 0.02),
-            eos_token_id=hf.get("eos_token_id") or EOS_TOKEN_ID,
-            pad_token_id=hf.get("pad_token_id") or hf.get("eos_token_id") or EOS_TOKEN_ID,
+            eos_token_id=_first_set(hf.get("eos_token_id"), EOS_TOKEN_ID),
+            pad_token_id=_first_set(hf.get("pad_token_id"), hf.get("eos_token_id"), EOS_TOKEN_ID),
             name=name,
             **{k: v for k, v in hf.get(SPARSE_ATTENTION_KEY, {}).items() if k in SPARSE_ATTENTION_FIELDS},
         )
@@ -133,6 +133,11 @@ class GPT2Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _first_set(*values):
+    """The first value that is not None (0 is a valid token id: `or` would skip it)."""
+    return next(v for v in values if v is not None)
 
 
 SPARSE_ATTENTION_KEY = "sparse_attention"

@@ -10,11 +10,11 @@ heuristics behind each column are documented in `evaluation/sonnet_form.py`.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
+from common.io import atomic_write_json
 from evaluation.sonnet_form import TARGET_LINES, TARGET_SYLLABLES, evaluate_sonnets
-from evaluation.sonnets import GENERATED_HEADER, read_generated_sonnets, read_numbered_sonnets
+from tasks.sonnets import GENERATED_HEADER, read_generated_sonnets, read_numbered_sonnets
+from training.cli import UsageError, add_device_args, entry_point, resolve_device
 
 COLUMNS = [("sonnet", "sonnet", "{}"), ("id", "id", "{}"), ("lines", f"lines (→{TARGET_LINES})", "{:.1f}"),
            ("syllables_per_line", f"syllables/line (→{TARGET_SYLLABLES})", "{:.1f}"),
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      "then the model directory)")
     p.add_argument("--window", type=int, default=1024, help="perplexity window (tokens), capped at the model's context")
     p.add_argument("--stride", type=int, default=512, help="perplexity stride (tokens)")
-    p.add_argument("--device", default="cpu")
+    add_device_args(p)
     p.add_argument("--json", default=None, help="also write the rows and the overall row to this JSON file")
     return p.parse_args(argv)
 
@@ -75,20 +75,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     generated, gold = read_any(args.generated), read_numbered_sonnets(args.gold)
     if len(generated) != len(gold):
-        raise SystemExit(f"--generated {args.generated} holds {len(generated)} sonnets but --gold {args.gold} holds "
+        raise UsageError(f"--generated {args.generated} holds {len(generated)} sonnets but --gold {args.gold} holds "
                          f"{len(gold)}; they are paired in order, so pass files for the same prompts")
     nll = None
     if args.model:
-        nll = gold_nll(args.model, args.tokenizer, [t for _, t in gold], args.window, args.stride, args.device)
+        device = resolve_device("cuda" if args.use_gpu else args.device)
+        nll = gold_nll(args.model, args.tokenizer, [t for _, t in gold], args.window, args.stride, device)
     result = evaluate_sonnets([t for _, t in generated], [t for _, t in gold], nll)
     print(f"generated: {args.generated}\ngold: {args.gold}" + (f"\nmodel (gold perplexity): {args.model}" if nll else ""))
     print("chrF overall is the starter's corpus chrF; per sonnet it is sentence chrF.\n")
     print(markdown(result, [i for i, _ in generated]))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)()

@@ -31,15 +31,17 @@ import time
 from pathlib import Path
 
 from distillation import impossible as imp
+from training.cli import UsageError, add_device_args, entry_point, resolve_device
 
 
 def _add_model_args(p: argparse.ArgumentParser, prefix: str, help_what: str) -> None:
     p.add_argument(f"--{prefix}model", dest=f"{prefix}model", default=None if prefix else "gpt2",
                    help=f"{help_what}: preset (tiny = random), hub name or local HF checkpoint directory")
     p.add_argument(f"--{prefix}checkpoint", dest=f"{prefix}checkpoint", default=None,
-                   help="a training run's best.pt/last.pt whose model weights replace the loaded ones")
+                   help="a training run (directory, or its best.pt/last.pt; LoRA runs too) whose weights replace "
+                        "the loaded ones")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: $GPT2_TOKENIZER_DIR, ...)")
-    p.add_argument("--use_gpu", action="store_true")
+    add_device_args(p)
     p.add_argument("--batch_size", type=int, default=16)
 
 
@@ -83,30 +85,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_lm(spec: str, checkpoint, use_gpu: bool, tokenizer_dir):
+def load_lm(spec: str, checkpoint, device_flag: str, tokenizer_dir):
     from models.gpt2 import GPT2LMHeadModel
     from models.tokenizer import load_tokenizer
-    from training.build import select_device
-    from training.checkpoint import load
+    from training.checkpoint import load_model
 
-    device = select_device(use_gpu)
-    model = GPT2LMHeadModel.from_name_or_path(spec)
-    if checkpoint:
-        state = load(checkpoint)
-        state = state.get("model", state)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise SystemExit(f"{checkpoint}: weights do not fit {spec} (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}); pass the --*model the run was trained with")
+    device = resolve_device(device_flag)
+    model = load_model(GPT2LMHeadModel, spec, checkpoint)
     tokenizer = load_tokenizer(tokenizer_dir, spec if Path(spec).is_dir() else None)
     return model.to(device).eval(), tokenizer, device
+
+
+def device_of(args) -> str:
+    return "cuda" if args.use_gpu else args.device
 
 
 def read_contexts(args) -> list[str]:
     if args.contexts:
         path = Path(args.contexts)
         if not path.is_file():
-            raise SystemExit(f"--contexts {path}: no such file")
+            raise UsageError(f"--contexts {path}: no such file")
         contexts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         from tasks.data import read_paraphrase
@@ -118,18 +116,18 @@ def read_contexts(args) -> list[str]:
                 contexts.append(ex.sentence1)
     contexts = contexts[: args.num_contexts] if args.num_contexts else contexts
     if not contexts:
-        raise SystemExit(f"{args.contexts or args.quora}: no contexts")
+        raise UsageError(f"{args.contexts or args.quora}: no contexts")
     return contexts
 
 
 def run_generate(args) -> dict:
     for flag in ("samples_per_context", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag} must be >= 1")
+            raise UsageError(f"--{flag} must be >= 1")
     if args.samples_per_context < 2 and args.mode == "continue":
-        raise SystemExit("--samples_per_context must be >= 2 in continue mode (pairs are made of samples)")
+        raise UsageError("--samples_per_context must be >= 2 in continue mode (pairs are made of samples)")
     contexts = read_contexts(args)
-    model, tokenizer, device = load_lm(args.model, args.checkpoint, args.use_gpu, args.tokenizer)
+    model, tokenizer, device = load_lm(args.model, args.checkpoint, device_of(args), args.tokenizer)
     t0 = time.perf_counter()
     samples = imp.sample_continuations(model, tokenizer, contexts, mode=args.mode,
                                        samples_per_context=args.samples_per_context, batch_size=args.batch_size,
@@ -170,9 +168,9 @@ def run_filter(args) -> dict:
     rules = imp.FilterRules(args.min_words, args.min_length_ratio, args.max_overlap, args.tau)
     critic = None
     if (args.critic_model is None) != (args.tau is None):
-        raise SystemExit("--critic_model and --tau go together: give both (critic filtering) or neither (rules only)")
+        raise UsageError("--critic_model and --tau go together: give both (critic filtering) or neither (rules only)")
     if args.critic_model:
-        model, tokenizer, device = load_lm(args.critic_model, args.critic_checkpoint, args.use_gpu, args.tokenizer)
+        model, tokenizer, device = load_lm(args.critic_model, args.critic_checkpoint, device_of(args), args.tokenizer)
         critic = bidirectional_critic(model, tokenizer, device, args.batch_size, args.max_length)
     kept, stats = imp.filter_pairs(rows, rules, critic)
     stats["critic_model"], stats["critic_checkpoint"] = args.critic_model, args.critic_checkpoint
@@ -186,7 +184,7 @@ def run_build(args) -> dict:
     try:
         pairs, stats = imp.build_dataset(rows, args.negatives_per_positive, args.seed, args.min_negative_overlap)
     except ValueError as exc:
-        raise SystemExit(f"--filtered {args.filtered}: {exc}") from None
+        raise UsageError(f"--filtered {args.filtered}: {exc}") from None
     imp.write_quora_csv(args.out, pairs)
     imp.write_stats(args.out, stats)
     return stats
@@ -201,4 +199,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    entry_point(main)(sys.argv[1:])

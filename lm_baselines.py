@@ -25,6 +25,7 @@ from lm.corpus import find_data_file
 from lm.models import build_baseline
 from lm.report import write_results
 from lm.vocab import Vocabulary, read_english_sentences, read_ptb_sentences
+from training.cli import UsageError, add_device_args, entry_point, resolve_device
 
 DEFAULT_PROMPTS = ["the company said", "in the first quarter", "the president of the"]
 
@@ -61,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample_words", type=int, default=25, help="words sampled per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled continuation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 avoids thread thrashing on a CPU shared with other jobs)")
     p.add_argument("--out", type=Path, default=Path("runs/lm_baselines/latest"), help="results directory")
@@ -71,6 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.max_minutes = args.max_minutes * len(args.models)
         if len(args.max_minutes) != len(args.models):
             p.error(f"--max_minutes: give one value or one per model ({len(args.models)}), got {len(args.max_minutes)}")
+    for flag in ("epochs", "batch_size", "bptt", "hidden", "layers", "tf_layers", "tf_heads", "tf_context",
+                 "tf_batch_size", "sample_words"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not (args.lr > 0 and args.lr < float("inf")):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    args.device = str(resolve_device("cuda" if args.use_gpu else args.device))
     return args
 
 
@@ -157,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)()

@@ -23,7 +23,8 @@ from evaluation.perplexity import perplexity, sliding_window_nll
 from lm.corpus import find_data_file, join_documents, read_documents
 from models.gpt2 import GPT2LMHeadModel
 from models.tokenizer import load_tokenizer
-from modules.attention_patterns import add_attention_args, attention_overrides
+from training.cli import UsageError, add_attention_args, add_device_args, entry_point, resolve_device
+from training.config import ModelConfig
 
 DEFAULT_CORPORA = {
     "ptb": "ptb/ptb.test.txt",
@@ -52,13 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_tokens", type=int, default=None,
                    help="score only the first N tokens of each text (keeps CPU runs short)")
     p.add_argument("--tokenizer", default=None, help="directory with vocab.json and merges.txt")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(p)
     add_attention_args(p)
     args = p.parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 2:
-        p.error(f"--max_tokens must be >= 2, got {args.max_tokens}")
+        raise UsageError(f"--max_tokens must be >= 2, got {args.max_tokens}")
     if args.batch_size < 1:
-        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    for flag in ("window", "stride"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     args.model = args.model or ["tiny"]
     return args
 
@@ -73,7 +77,7 @@ def corpus_paths(specs: list[str]) -> dict[str, Path]:
         elif spec in DEFAULT_CORPORA:
             out[spec] = find_data_file(DEFAULT_CORPORA[spec])
         else:
-            raise SystemExit(f"--corpora: unknown corpus {spec!r}; use one of {list(DEFAULT_CORPORA)} or NAME=PATH")
+            raise UsageError(f"--corpora: unknown corpus {spec!r}; use one of {list(DEFAULT_CORPORA)} or NAME=PATH")
     return out
 
 
@@ -95,10 +99,10 @@ def tokenize_file(path: Path, tokenizer, max_tokens: int | None) -> torch.Tensor
 def score(model, ids: torch.Tensor, args) -> tuple[float, int]:
     window = args.window or model.config.max_position_embeddings
     if window > model.config.max_position_embeddings:
-        raise SystemExit(f"--window {window} exceeds the model's {model.config.max_position_embeddings} positions")
+        raise UsageError(f"--window {window} exceeds the model's {model.config.max_position_embeddings} positions")
     stride = args.stride or max(1, window // 2)
     if stride > window:
-        raise SystemExit(f"--stride {stride} must not exceed --window {window}")
+        raise UsageError(f"--stride {stride} must not exceed --window {window}")
     return sliding_window_nll(model, ids, window=window, stride=stride, batch_size=args.batch_size)
 
 
@@ -107,11 +111,15 @@ def main(argv=None) -> dict:
     files = {args.text_file.name: args.text_file} if args.text_file else corpus_paths(args.corpora)
     for name, path in files.items():
         if not path.is_file():
-            raise SystemExit(f"{name}: no such file {path}")
+            raise UsageError(f"{name}: no such file {path}")
+    overrides = ModelConfig(attention=args.attention, attention_window=args.attention_window,
+                            sparse_layers=args.sparse_layers, attention_backend=args.attention_backend)
+    overrides.validate()
+    device = resolve_device("cuda" if args.use_gpu else args.device)
     results: dict[str, dict[str, dict]] = {}
     for spec in args.model:
         model = GPT2LMHeadModel.from_name_or_path(spec, random_init=args.random_init,
-                                                  **attention_overrides(args)).to(args.device).eval()
+                                                  **overrides.overrides()).to(device).eval()
         tokenizer = load_tokenizer(args.tokenizer, model_dir=spec)
         results[spec] = {}
         for name, path in files.items():
@@ -140,4 +148,4 @@ def markdown_table(results: dict[str, dict[str, dict]], names: list[str]) -> str
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)()

@@ -18,16 +18,17 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from tasks.data import (NO_TOKEN_ID, PARAPHRASE_HEADER, SENTIMENT_HEADER, YES_TOKEN_ID, DataError, read_paraphrase,
-                        read_predictions, read_sentiment)
+from tasks.data import (PARAPHRASE_HEADER, SENTIMENT_HEADER, DataError, read_paraphrase, read_predictions,
+                        read_sentiment)
+from tasks.leaderboard import FINE_TUNE_MODES, leaderboard_files
 
 EXCLUDED_DIRS = {".git", ".venv", "venv", "data", "runs", "checkpoints", "__pycache__", ".pytest_cache"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", nargs="+", choices=["last-linear-layer", "full-model"],
-                   default=["last-linear-layer", "full-model"], help="fine-tune modes whose sentiment files are expected")
+    p.add_argument("--modes", nargs="+", choices=FINE_TUNE_MODES, default=list(FINE_TUNE_MODES),
+                   help="fine-tune modes whose sentiment files are expected")
     p.add_argument("--data_dir", default="data", help="the CS224N data files the predictions answer")
     p.add_argument("--predictions_dir", default="predictions")
     p.add_argument("--out", default="cs224n_default_final.zip", help="the submission zip")
@@ -49,31 +50,29 @@ def _compare_ids(pred_path: Path, rows: list[tuple[str, int]], data_path: Path, 
 
 
 def check(args: argparse.Namespace) -> list[str]:
-    """Every problem found, as one line each naming the file."""
+    """Every problem found, as one line each naming the file (the files: tasks/leaderboard.py)."""
     data, pred = Path(args.data_dir), Path(args.predictions_dir)
-    expected = []  # (prediction file, header, allowed values, data file, reader)
-    for mode in args.modes:
-        for name, k in (("sst", 5), ("cfimdb", 2)):
-            for split, file in (("dev", "dev"), ("test", "test-student")):
-                expected.append((pred / f"{mode}-{name}-{split}-out.csv", SENTIMENT_HEADER, range(k),
-                                 data / f"ids-{name}-{file}.csv",
-                                 lambda p, k=k: [e.id for e in read_sentiment(p, k, labeled=False)]))
-    for split, file in (("dev", "quora-dev.csv"), ("test", "quora-test-student.csv")):
-        expected.append((pred / f"para-{split}-output.csv", PARAPHRASE_HEADER, (YES_TOKEN_ID, NO_TOKEN_ID),
-                         data / file, lambda p: [e.id for e in read_paraphrase(p, labeled=False)]))
+    header = {"sst": SENTIMENT_HEADER, "cfimdb": SENTIMENT_HEADER, "para": PARAPHRASE_HEADER}
     problems = []
-    for pred_path, header, allowed, data_path, read_ids in expected:
+    for entry in leaderboard_files(args.modes):
+        pred_path, data_path = pred / entry.name, data / entry.data_file
+        if entry.task == "sonnet":
+            problems += _check_sonnets(pred_path, data_path)
+            continue
         try:
-            rows = read_predictions(pred_path, header, allowed)
-            problems += _compare_ids(pred_path, rows, data_path, read_ids(data_path))
+            rows = read_predictions(pred_path, header[entry.task], entry.values)
+            if entry.task == "para":
+                ids = [e.id for e in read_paraphrase(data_path, labeled=False)]
+            else:
+                ids = [e.id for e in read_sentiment(data_path, len(entry.values), labeled=False)]
+            problems += _compare_ids(pred_path, rows, data_path, ids)
         except DataError as exc:
             problems.append(str(exc))
-    problems += _check_sonnets(pred / "generated_sonnets.txt", data / "sonnets_held_out.txt")
     return problems
 
 
 def _check_sonnets(out: Path, prompts_path: Path) -> list[str]:
-    from evaluation.sonnets import read_generated_sonnets, read_numbered_sonnets
+    from tasks.sonnets import read_generated_sonnets, read_numbered_sonnets
 
     try:
         generated = read_generated_sonnets(out)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from config import GPT2Config
-from evaluation.sonnets import read_sonnets
+from tasks.sonnets import read_sonnets
 from models.generation import left_pad, top_p_filter
 from models.gpt2 import GPT2LMHeadModel
 

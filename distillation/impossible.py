@@ -24,14 +24,13 @@ Words are `\\w+` runs of the lowercased text.
 from __future__ import annotations
 
 import csv
-import json
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from common.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl  # noqa: F401  (the stages' files)
 
 _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
@@ -58,47 +57,13 @@ def one_line(text: str) -> str:
 
 
 # ---- files ------------------------------------------------------------------------------------
-def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {n}: not JSON ({exc.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}, line {n}: missing field(s) {missing}")
-            rows.append(row)
-    return rows
-
-
-def _atomic_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    return _atomic_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def stats_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".stats.json")
 
 
 def write_stats(out: str | Path, stats: dict) -> Path:
-    return _atomic_text(stats_path(out), json.dumps(stats, indent=2) + "\n")
+    return atomic_write_json(stats_path(out), stats)
 
 
 # ---- generate ---------------------------------------------------------------------------------
@@ -295,7 +260,7 @@ def write_quora_csv(path: str | Path, pairs: Sequence[tuple[str, str, int]], id_
     w.writerow(["", "id", "sentence1", "sentence2", "is_duplicate"])
     for i, (a, b, label) in enumerate(pairs):
         w.writerow([i, f"{id_prefix}-{i}", one_line(a), one_line(b), f"{float(label):.1f}"])
-    return _atomic_text(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue())
 
 
 def build_dataset(rows: Sequence[dict], negatives_per_positive: int, seed: int,

@@ -1,5 +1,5 @@
 """Training the cloze paraphrase detector on Impossible Distillation data (Jung et al., 2023):
-the flags `paraphrase_detection.py` adds, the training set (real and/or synthetic pairs with
+the training set of `paraphrase_detection.py --synthetic_train` (real and/or synthetic pairs with
 per-example weights) and the loss
 
     mean_i( w_i * CE_i ) + kl_lambda * KL( p_student || p_initial )
@@ -11,57 +11,24 @@ With no synthetic file and kl_lambda = 0 the loss is exactly the plain cross-ent
 """
 from __future__ import annotations
 
-import argparse
-import copy
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
-def add_synthetic_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Impossible Distillation (synthetic pairs from impossible_distillation.py)")
-    g.add_argument("--synthetic_train", default=None, metavar="FILE",
-                   help="Quora-format pairs written by `impossible_distillation.py build`, added to the training set "
-                        "(--para_train none: train on them alone)")
-    g.add_argument("--synthetic_weight", type=float, default=1.0,
-                   help="loss weight of each synthetic pair (real pairs weigh 1)")
-    g.add_argument("--kl_lambda", type=float, default=0.0,
-                   help="weight of KL(model || frozen initial model) on the yes/no distribution (0: off)")
+def training_examples(para_train: str, synthetic_train: Optional[str], synthetic_weight: float,
+                      limit: Optional[int] = None) -> tuple[list, torch.Tensor, int]:
+    """(real + synthetic training examples, their loss weights (N,), how many are synthetic).  `para_train` "none" means no
+    real pairs; `limit` applies to each file."""
+    from tasks.data import read_paraphrase
 
-
-def check_synthetic_args(args: argparse.Namespace) -> None:
-    if args.synthetic_weight <= 0:
-        raise SystemExit(f"--synthetic_weight must be > 0, got {args.synthetic_weight}")
-    if args.synthetic_weight != 1.0 and not args.synthetic_train:
-        raise SystemExit("--synthetic_weight needs --synthetic_train")
-    if args.kl_lambda < 0:
-        raise SystemExit(f"--kl_lambda must be >= 0, got {args.kl_lambda}")
-    if args.para_train == "none" and not args.synthetic_train:
-        raise SystemExit("--para_train none needs --synthetic_train (there would be nothing to train on)")
-
-
-def training_examples(args: argparse.Namespace, read_paraphrase) -> tuple[list, torch.Tensor]:
-    """(real + synthetic training examples, their loss weights (N,)); `--limit` applies to each file."""
-    real = [] if args.para_train == "none" else read_paraphrase(args.para_train, labeled=True)
-    synth = read_paraphrase(args.synthetic_train, labeled=True) if args.synthetic_train else []
-    if args.limit:
-        real, synth = real[: args.limit], synth[: args.limit]
-    if synth:
-        print(f"[para] training on {len(real)} real and {len(synth)} synthetic pairs "
-              f"(synthetic weight {args.synthetic_weight})")
-    weights = torch.tensor([1.0] * len(real) + [args.synthetic_weight] * len(synth))
-    return real + synth, weights
-
-
-def frozen_reference(model: nn.Module, kl_lambda: float) -> Optional[nn.Module]:
-    """A frozen copy of `model` as it is now (the initial model), or None when kl_lambda == 0."""
-    if kl_lambda == 0:
-        return None
-    from distillation.models import freeze
-
-    return freeze(copy.deepcopy(model))
+    real = [] if para_train == "none" else read_paraphrase(para_train, labeled=True)
+    synth = read_paraphrase(synthetic_train, labeled=True) if synthetic_train else []
+    if limit:
+        real, synth = real[:limit], synth[:limit]
+    weights = torch.tensor([1.0] * len(real) + [synthetic_weight] * len(synth))
+    return real + synth, weights, len(synth)
 
 
 def paraphrase_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from common.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -98,7 +100,7 @@ def read_documents(path: str | Path, fmt: str = "auto") -> list[str]:
     if fmt == "poetry_csv":
         return read_poetry_csv(path)
     if fmt == "sonnets":
-        from evaluation.sonnets import read_sonnets
+        from tasks.sonnets import read_sonnets
 
         return read_sonnets(path)
     text = normalize_newlines(path.read_text(encoding="utf-8"))
@@ -116,17 +118,18 @@ def join_documents(token_lists: Sequence[Sequence[int]], eos_id: int) -> list[in
     return stream
 
 
-def pack_blocks(stream: Sequence[int], block_size: int) -> tuple[torch.Tensor, list[int]]:
-    """Cut a token stream into consecutive, non-overlapping blocks of `block_size` tokens:
-    returns (blocks (num_blocks, block_size), tail).  Every token lands in exactly one block,
-    in order, except the final `len(stream) % block_size` tokens (the tail, fewer than one
-    block), which are returned separately and not trained on."""
+def pack_blocks(stream: Sequence[int], block_size: int, allow_empty: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """The one sequence packer: cut a token stream into consecutive, non-overlapping blocks of
+    `block_size` tokens: returns (blocks (num_blocks, block_size), tail).  Every token lands in
+    exactly one block, in order, except the final `len(stream) % block_size` tokens (the tail,
+    fewer than one block), returned separately: callers train on it or drop it.  A stream shorter
+    than one block is an error unless `allow_empty` (then: no blocks, all of it the tail)."""
     if block_size < 2:
-        raise ValueError(f"block_size must be >= 2 (a block predicts its tokens 1..T-1), got {block_size}")
+        raise ConfigError("block_size", f"must be >= 2 (a block predicts its tokens 1..T-1), got {block_size}")
     num_blocks = len(stream) // block_size
-    if num_blocks == 0:
-        raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one block of {block_size}; "
-                         f"lower --block_size or add text")
+    if num_blocks == 0 and not allow_empty:
+        raise ConfigError("block_size", f"the corpus has {len(stream)} tokens, fewer than one block of {block_size}; "
+                          f"use shorter blocks or add text")
     body = torch.tensor(list(stream[:num_blocks * block_size]), dtype=torch.long)
     return body.view(num_blocks, block_size), list(stream[num_blocks * block_size:])
 
@@ -136,7 +139,7 @@ def split_documents(docs: Sequence[str], valid_fraction: float, seed: int = 0) -
     round(valid_fraction * n) of them (at least one) to valid, so no document is split; a
     single document is split by characters at a line break near the cut instead."""
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+        raise ConfigError("valid_fraction", f"must be in (0, 1), got {valid_fraction}")
     docs = list(docs)
     if len(docs) >= 2:
         order = list(range(len(docs)))
@@ -151,5 +154,6 @@ def split_documents(docs: Sequence[str], valid_fraction: float, seed: int = 0) -
     cut = newline + 1 if newline > 0 else cut
     train, valid = text[:cut], text[cut:]
     if not train.strip() or not valid.strip():
-        raise ValueError("the corpus is too small to split into train and valid; add text or pass --valid_file")
+        raise ConfigError("valid_fraction", "the corpus is too small to split into train and valid; add text or "
+                          "give a separate validation file")
     return [train], [valid]

@@ -23,7 +23,7 @@ def resolve_tokenizer_dir(explicit: Optional[str] = None, model_dir: Optional[st
     """The directory (or hub name) the tokenizer will be read from; see the module docstring."""
     if explicit:
         if not _has_tokenizer_files(Path(explicit)):
-            raise FileNotFoundError(f"--tokenizer {explicit}: expected vocab.json and merges.txt in that directory")
+            raise FileNotFoundError(f"tokenizer directory {explicit}: expected vocab.json and merges.txt in that directory")
         return str(explicit)
     env = os.environ.get(TOKENIZER_ENV)
     if env:

@@ -19,16 +19,12 @@ the position of every slot is `cumsum(attention_mask) - 1`, for queries and keys
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Optional
 
 import torch
 
 PATTERNS = ("dense", "logsparse", "local", "hybrid")
 BACKENDS = ("auto", "sdpa", "flex")
-# Config field -> CLI flag, for error messages and `attention_overrides`.
-FLAGS = {"attention": "--attention", "attention_window": "--attention_window",
-         "sparse_layers": "--sparse_layers", "attention_backend": "--attention_backend"}
 
 
 def pattern_allows(pattern: str, q: torch.Tensor, k: torch.Tensor, window: int) -> torch.Tensor:
@@ -92,10 +88,8 @@ def parse_sparse_layers(spec: str, num_layers: Optional[int]) -> list[int]:
     With `num_layers=None` only the syntax is checked (the CLI does not know the model yet).
     """
     spec = str(spec).strip().lower()
-    if num_layers is None:
-        if spec in ("all", "even", "odd"):
-            return []
-        num_layers = 1 << 62
+    if num_layers is None and spec in ("all", "even", "odd"):
+        return []
     if spec == "all":
         return list(range(num_layers))
     if spec == "even":
@@ -108,16 +102,16 @@ def parse_sparse_layers(spec: str, num_layers: Optional[int]) -> list[int]:
         try:
             i = int(part)
         except ValueError:
-            raise ValueError(f"--sparse_layers {spec!r}: {part!r} is not a layer index; use all, even, odd "
+            raise ValueError(f"sparse_layers {spec!r}: {part!r} is not a layer index; use all, even, odd "
                              f"or comma-separated indices such as 0,2,5") from None
         if i < 0:
-            raise ValueError(f"--sparse_layers {spec!r}: layer indices start at 0, got {i}")
-        if i >= num_layers:
-            raise ValueError(f"--sparse_layers {spec!r}: layer {i} does not exist in a {num_layers}-layer "
+            raise ValueError(f"sparse_layers {spec!r}: layer indices start at 0, got {i}")
+        if num_layers is not None and i >= num_layers:
+            raise ValueError(f"sparse_layers {spec!r}: layer {i} does not exist in a {num_layers}-layer "
                              f"model (valid indices 0..{num_layers - 1})")
         indices.append(i)
     if len(set(indices)) != len(indices):
-        raise ValueError(f"--sparse_layers {spec!r}: a layer index is repeated")
+        raise ValueError(f"sparse_layers {spec!r}: a layer index is repeated")
     return sorted(indices)
 
 
@@ -125,13 +119,13 @@ def layer_patterns(config) -> list[str]:
     """The pattern of each layer of a GPT2Config; validates the attention fields (set by the
     flags, or read from a checkpoint's config.json)."""
     if config.attention not in PATTERNS:
-        raise ValueError(f"--attention (config field attention) {config.attention!r}: "
+        raise ValueError(f"attention {config.attention!r}: "
                          f"choose one of {', '.join(PATTERNS)}")
     if config.attention_backend not in BACKENDS:
-        raise ValueError(f"--attention_backend (config field attention_backend) {config.attention_backend!r}: "
+        raise ValueError(f"attention_backend {config.attention_backend!r}: "
                          f"choose one of {', '.join(BACKENDS)}")
     if not isinstance(config.attention_window, int) or config.attention_window < 1:
-        raise ValueError(f"--attention_window (config field attention_window) {config.attention_window!r}: "
+        raise ValueError(f"attention_window {config.attention_window!r}: "
                          f"must be a positive integer")
     sparse = set(parse_sparse_layers(config.sparse_layers, config.num_hidden_layers))
     return [config.attention if i in sparse else "dense" for i in range(config.num_hidden_layers)]
@@ -148,44 +142,10 @@ def use_flex(backend: str, device: torch.device, dropout_active: bool, cached: b
         return False
     if backend == "flex":
         if dropout_active:
-            raise ValueError("--attention_backend flex: FlexAttention has no attention dropout; set the "
-                             "attention dropout (attention_probs_dropout_prob) to 0, or use --attention_backend "
+            raise ValueError("attention_backend flex: FlexAttention has no attention dropout; set the "
+                             "attention dropout (attention_probs_dropout_prob) to 0, or use attention_backend "
                              "auto or sdpa")
         return True
     if backend == "auto":
         return device.type == "cuda" and not dropout_active and not cached
-    raise ValueError(f"--attention_backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-
-
-# ---- command line --------------------------------------------------------------------------
-def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --attention, --attention_window, --sparse_layers and --attention_backend.
-
-    A flag left out changes nothing: a new model gets the config defaults (dense, 64, all, auto)
-    and a checkpoint keeps the settings saved in its config.json.
-    """
-    group = parser.add_argument_group("sparse attention")
-    group.add_argument("--attention", choices=PATTERNS, default=None,
-                       help="attention pattern of the sparse layers: dense (causal), logsparse (itself and keys "
-                            "2^j behind), local (the last --attention_window keys), hybrid (local + logsparse); "
-                            "default: dense, or what the checkpoint was saved with")
-    group.add_argument("--attention_window", type=int, default=None,
-                       help="window W of the local and hybrid patterns: position l sees l-W+1 .. l (default 64)")
-    group.add_argument("--sparse_layers", type=str, default=None,
-                       help="which layers use --attention (the rest stay dense): all, even, odd, or "
-                            "comma-separated layer indices such as 0,2,5 (default all)")
-    group.add_argument("--attention_backend", choices=BACKENDS, default=None,
-                       help="sparse layers: sdpa (boolean mask, works everywhere), flex (block-sparse "
-                            "FlexAttention), auto (flex on CUDA without attention dropout, sdpa otherwise; default)")
-    return parser
-
-
-def attention_overrides(args: argparse.Namespace) -> dict:
-    """The GPT2Config overrides these flags ask for (only the flags given), for
-    `from_name_or_path(spec, **overrides)`."""
-    out = {field: getattr(args, field) for field in FLAGS if getattr(args, field, None) is not None}
-    if "attention_window" in out and out["attention_window"] < 1:
-        raise ValueError(f"--attention_window {out['attention_window']}: must be a positive integer")
-    if "sparse_layers" in out:
-        parse_sparse_layers(out["sparse_layers"], num_layers=None)  # syntax now; the range once the model is built
-    return out
+    raise ValueError(f"attention_backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from training.checkpoint import atomic_write_text
+from common.errors import DataError
+from common.io import atomic_write_text
 
 csv.field_size_limit(sys.maxsize)  # CFIMDB reviews are long
 
@@ -33,10 +34,6 @@ PARAPHRASE_HEADER = "id \t Predicted_Is_Paraphrase "
 YES_TOKEN_ID = 8505  # "yes" in the GPT-2 vocabulary (no leading space)
 NO_TOKEN_ID = 3919  # "no"
 _BR = re.compile(r"\s*<br\s*/?>\s*", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """Malformed input data; the message names the file and line."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from config import GPT2Config
 from models.gpt2 import GPT2LMHeadModel, GPT2Model
 from modules.attention import attend, build_attention_mask
-from modules.attention_patterns import (PATTERNS, add_attention_args, attention_overrides, layer_patterns,
-                                        parse_sparse_layers, pattern_allows, use_flex)
+from modules.attention_patterns import PATTERNS, layer_patterns, parse_sparse_layers, pattern_allows, use_flex
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -264,15 +263,14 @@ def test_sparse_layers_parsing_and_validation():
     assert parse_sparse_layers(" 3, 0 ", 4) == [0, 3]
     for bad, message in (("4", "layer 4 does not exist in a 4-layer model"), ("-1", "start at 0"),
                          ("1,x", "'x' is not a layer index"), ("", "is not a layer index"), ("1,1", "repeated")):
-        with pytest.raises(ValueError, match="--sparse_layers") as err:
+        with pytest.raises(ValueError, match="sparse_layers") as err:
             parse_sparse_layers(bad, 4)
         assert message in str(err.value)
-    with pytest.raises(ValueError, match="--sparse_layers '2'.*2-layer model"):
+    with pytest.raises(ValueError, match="sparse_layers '2'.*2-layer model"):
         GPT2Model(GPT2Config.from_name("tiny", attention="local", sparse_layers="2"))
     assert layer_patterns(GPT2Config.from_name("tiny", attention="hybrid", sparse_layers="odd")) == ["dense", "hybrid"]
-    for field, value, flag in (("attention", "strided", "--attention"), ("attention_window", 0, "--attention_window"),
-                               ("attention_backend", "xla", "--attention_backend")):
-        with pytest.raises(ValueError, match=flag):
+    for field, value in (("attention", "strided"), ("attention_window", 0), ("attention_backend", "xla")):
+        with pytest.raises(ValueError, match=f"^{field}"):
             layer_patterns(GPT2Config.from_name("tiny", **{field: value}))
 
 
@@ -284,7 +282,7 @@ def test_backend_choice():
     assert not use_flex("auto", cpu, dropout_active=False, cached=False)
     assert not use_flex("sdpa", cuda, dropout_active=False, cached=False)
     assert use_flex("flex", cpu, dropout_active=False, cached=True)
-    with pytest.raises(ValueError, match="--attention_backend flex: FlexAttention has no attention dropout"):
+    with pytest.raises(ValueError, match="attention_backend flex: FlexAttention has no attention dropout"):
         use_flex("flex", cpu, dropout_active=True, cached=False)
     q, k, v = _qkv(T=16, requires_grad=True)
     bm = build_attention_mask(None, 16, 0, CPU, pattern="local", window=4, block_sparse=True)[0]
@@ -295,18 +293,28 @@ def test_backend_choice():
     model(torch.randint(0, 1000, (1, 9))).sum().backward()
 
 
+def attention_overrides(*argv) -> dict:
+    """The GPT2Config overrides the command line asks for (training/cli.py -> ModelConfig)."""
+    from training.cli import add_common_args, build_configs
+
+    return build_configs(add_common_args(argparse.ArgumentParser()).parse_args(list(argv))).model.overrides()
+
+
 def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, tmp_path):
-    parser = add_attention_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--attention", "hybrid", "--attention_window", "8", "--sparse_layers", "odd",
-                              "--attention_backend", "sdpa"])
-    overrides = attention_overrides(args)
+    from common.errors import ConfigError
+    from training.cli import add_attention_args
+
+    overrides = attention_overrides("--attention", "hybrid", "--attention_window", "8", "--sparse_layers", "odd",
+                                    "--attention_backend", "sdpa")
     assert overrides == dict(attention="hybrid", attention_window=8, sparse_layers="odd", attention_backend="sdpa")
-    assert attention_overrides(parser.parse_args([])) == {}  # nothing given: config / checkpoint decide
-    assert attention_overrides(parser.parse_args(["--attention", "local"])) == dict(attention="local")
-    with pytest.raises(ValueError, match="--sparse_layers"):
-        attention_overrides(parser.parse_args(["--sparse_layers", "first"]))
-    with pytest.raises(ValueError, match="--attention_window"):
-        attention_overrides(parser.parse_args(["--attention_window", "0"]))
+    assert attention_overrides() == {}  # nothing given: config / checkpoint decide
+    assert attention_overrides("--attention", "local") == dict(attention="local")
+    with pytest.raises(ConfigError, match="sparse_layers"):
+        attention_overrides("--sparse_layers", "first")
+    with pytest.raises(ConfigError, match="attention_window"):
+        attention_overrides("--attention_window", "0")
+    parser = argparse.ArgumentParser()
+    add_attention_args(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--attention", "strided"])
 
@@ -318,7 +326,7 @@ def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, t
         assert (cfg.attention, cfg.attention_window, cfg.sparse_layers, cfg.attention_backend) == \
                ("hybrid", 8, "odd", "sdpa")
         assert model.backbone.layer_patterns == ["dense", "hybrid"]
-    with pytest.raises(ValueError, match="--sparse_layers '5'"):
+    with pytest.raises(ValueError, match="sparse_layers '5'"):
         GPT2LMHeadModel.from_name_or_path(str(directory), attention="local", sparse_layers="5")
 
     # The sparse settings survive save_pretrained -> config.json -> loading; transformers ignores them.
@@ -328,7 +336,7 @@ def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, t
     saved = model.save_pretrained(tmp_path / "sparse")
     assert json.loads((saved / "config.json").read_text())["sparse_attention"]["attention"] == "hybrid"
     # Loaded without flags (a script run without them) it stays sparse.
-    again = GPT2LMHeadModel.from_name_or_path(str(saved), **attention_overrides(parser.parse_args([])))
+    again = GPT2LMHeadModel.from_name_or_path(str(saved), **attention_overrides())
     assert again.config.attention == "hybrid" and again.config.sparse_layers == "odd"
     ids = torch.randint(0, 1000, (1, 12))
     torch.testing.assert_close(again.eval()(ids), model.eval()(ids))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from common.errors import UserError
 import torch
 import torch.nn.functional as F
 
@@ -144,5 +146,5 @@ def test_tiny_end_to_end_generate_filter_build_train(tmp_path, tokenizer_dir):
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     start = next(e for e in events if e["event"] == "start")
     assert start["train_examples"] == bstats["rows"]
-    with pytest.raises(SystemExit, match="--synthetic_train"):
+    with pytest.raises(UserError, match="--synthetic_train"):
         para.main(["--model_size", "tiny", *tok, "--para_train", "none"])

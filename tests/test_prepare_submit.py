@@ -6,7 +6,7 @@ import zipfile
 import prepare_submit
 from cs224n_files import keyword_sentiment, quora_pairs, write_quora, write_sentiment, write_sonnets
 from tasks.data import write_paraphrase_predictions, write_sentiment_predictions
-from evaluation.sonnets import write_generated_sonnets
+from tasks.sonnets import write_generated_sonnets
 
 
 def _complete_set(tmp_path):

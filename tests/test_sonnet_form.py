@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import pytest
 
+from common.errors import UserError
+
 from conftest import CS224N_DATA
 from evaluation.sonnet_form import (count_syllables, distinct_n, evaluate_sonnets, line_syllables, rhyme_adherence,
                                     sonnet_form, sonnet_lines, words_rhyme)
-from evaluation.sonnets import chrf, read_sonnets, write_generated_sonnets
+from evaluation.sonnets import chrf
+from tasks.sonnets import read_sonnets, write_generated_sonnets
 
 PERFECT = """and so the old man sat and sang all day
 he saw the moon rise up and light the night
@@ -98,7 +101,7 @@ def test_cli_prints_table(tmp_path, capsys):
     assert "| **all** |" in out and "ABAB CDCD EFEF GG" in out and "gold ppl" not in out
     assert result["overall"]["chrf"] == pytest.approx(chrf([PERFECT, "a b c"], [PERFECT, PERFECT]))
     assert (tmp_path / "out.json").exists()
-    with pytest.raises(SystemExit, match="paired in order"):
+    with pytest.raises(UserError, match="paired in order"):
         evaluate_sonnets.main(["--generated", str(generated), "--gold", str(CS224N_DATA / "TRUE_sonnets_held_out_dev.txt")])
 
 

@@ -7,8 +7,8 @@ import pytest
 from sacrebleu.metrics import CHRF
 
 from conftest import CS224N_DATA
-from evaluation.sonnets import (chrf, read_generated_sonnets, read_numbered_sonnets, read_sonnets,
-                                write_generated_sonnets)
+from evaluation.sonnets import chrf
+from tasks.sonnets import read_generated_sonnets, read_numbered_sonnets, read_sonnets, write_generated_sonnets
 
 
 def starter_split(path):

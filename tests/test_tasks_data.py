@@ -80,7 +80,7 @@ def test_missing_file_and_bad_quora(tmp_path):
 
 
 def test_sonnet_file_without_sonnets(tmp_path):
-    from evaluation.sonnets import read_sonnets
+    from tasks.sonnets import read_sonnets
 
     with pytest.raises(ValueError, match="no sonnet found"):
         read_sonnets(_bad(tmp_path, "Sonnets\nby nobody\n"))
@@ -108,7 +108,7 @@ needs_real_data = pytest.mark.skipif(not CS224N_DATA.is_dir() and not os.environ
 
 @needs_real_data
 def test_real_cs224n_files_row_counts():
-    from evaluation.sonnets import read_sonnets
+    from tasks.sonnets import read_sonnets
 
     d = CS224N_DATA
     counts = [len(read_sentiment(d / f"ids-sst-{s}.csv", 5, labeled=s != "test-student"))

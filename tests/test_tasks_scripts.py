@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+
+from common.errors import ConfigError, UserError
 import torch
 
 from cs224n_files import keyword_sentiment, quora_pairs, sonnet_text, write_quora, write_sentiment, write_sonnets
@@ -64,7 +66,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tokenizer_dir):
     full = classifier.main(classifier_args(tmp_path / "a", tokenizer_dir, *common))
     assert classifier.main(classifier_args(tmp_path / "b", tokenizer_dir, *common, "--stop_after_epoch", "1")) == {}
     assert not (tmp_path / "b" / "pred").exists()
-    with pytest.raises(SystemExit, match="--lr: saved 0.001, now 0.002"):
+    with pytest.raises(UserError, match="--lr: saved 0.001, now 0.002"):
         classifier.main(classifier_args(tmp_path / "b", tokenizer_dir, *common, "--lr", "2e-3",
                                         "--resume", str(tmp_path / "b" / "run")))
     resumed = classifier.main(classifier_args(tmp_path / "b", tokenizer_dir, *common, "--resume", str(tmp_path / "b" / "run")))
@@ -112,7 +114,7 @@ def test_paraphrase_prompt_and_truncation(tokenizer_dir):
 
 def test_sonnet_end_to_end(tmp_path, tokenizer_dir):
     import sonnet_generation as sg
-    from evaluation.sonnets import read_generated_sonnets
+    from tasks.sonnets import read_generated_sonnets
 
     rng = random.Random(0)
     train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 7)])
@@ -142,17 +144,21 @@ def test_sonnet_end_to_end(tmp_path, tokenizer_dir):
 
 def test_sonnet_decoding_flags():
     import sonnet_generation as sg
+    from training.cli import generation_config
 
-    assert sg.generation_kwargs(sg.parse_args(["--decoding", "top-k-p", "--top_k", "5"])) == dict(
+    assert generation_config(sg.parse_args(["--decoding", "top-k-p", "--top_k", "5"])).kwargs() == dict(
         repetition_penalty=1.0, no_repeat_ngram_size=0, do_sample=True, temperature=1.2, top_k=5, top_p=0.9)
-    assert sg.generation_kwargs(sg.parse_args(["--decoding", "beam", "--num_beams", "3"]))["num_beams"] == 3
-    for bad in (["--decoding", "top-k"], ["--top_k", "5"], ["--decoding", "beam"], ["--num_beams", "2"]):
-        with pytest.raises(SystemExit):
-            sg.parse_args(bad)
+    assert generation_config(sg.parse_args(["--decoding", "beam", "--num_beams", "3"])).kwargs()["num_beams"] == 3
+    for bad, field in ((["--decoding", "top-k"], "top_k"), (["--top_k", "5"], "top_k"),
+                       (["--decoding", "beam"], "num_beams"), (["--num_beams", "2"], "num_beams"),
+                       (["--top_p", "0"], "top_p"), (["--temperature", "nan"], "temperature"),
+                       (["--max_new_tokens", "0"], "max_new_tokens")):
+        with pytest.raises(ConfigError, match=f"^{field}"):
+            generation_config(sg.parse_args(bad))
 
 
 def test_classifier_truncation_keeps_the_end(tokenizer_dir):
-    from classifier import encode_texts
+    from tasks.sentiment import encode_texts
     from models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_dir))
