@@ -1,6 +1,7 @@
 """Reading and writing GPT-2 checkpoints in Hugging Face's format.
 
-One explicit name map (`NAME_MAP`) relates every Hugging Face tensor to ours.  HF's GPT-2
+One explicit name map (`name_map(n_layer)`: `TOP_NAME_MAP` plus `LAYER_NAME_MAP` for every layer)
+relates every Hugging Face tensor to ours.  HF's GPT-2
 stores its projections as `Conv1D` with weights laid out (in, out); ours are `nn.Linear`
 (out, in), so those are transposed, and HF's fused `c_attn` is split into our separate
 query/key/value projections.  Every key and every shape is checked; nothing is loaded by
