@@ -35,7 +35,7 @@ from distillation.tasks import DistillData, lm_task, para_task
 from models.gpt2 import GPT2LMHeadModel
 from common.params import count_parameters
 from training.checkpoint import load_model
-from training.cli import UsageError, add_common_args, entry_point
+from training.cli import UsageError, add_common_args, check_file_flags, entry_point
 from training.runner import ScriptRun
 
 
@@ -95,12 +95,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def data_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags of the task's data files (checked at start-up, fingerprinted for --resume)."""
+    return ("train_file", "valid_file") if args.task == "lm" else ("para_train", "para_dev")
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    check_file_flags({f"--{k}": getattr(args, k) for k in (*data_flags(args), "teacher_checkpoint")})
     model_size = args.model_size
     if model_size == "teacher":
         args.model_size = args.teacher  # what the trainer's model config records; the student is built below
-    run = ScriptRun.start(f"distill-{args.task}", args)
+    run = ScriptRun.start(f"distill-{args.task}", args, data=data_flags(args))
     device = run.device
     teacher = load_model(GPT2LMHeadModel, args.teacher, args.teacher_checkpoint).to(device) if args.teacher else None
     if model_size != "teacher":
