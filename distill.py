@@ -22,6 +22,7 @@ by side (also `<run_dir>/report.json`) and saves the student to `<run_dir>/stude
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -86,12 +87,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--student_layers/--student_hidden/--student_heads shape a student made from the teacher's "
                          "architecture (--model_size teacher); with another --model_size use its own shape")
     for flag, low in (("student_layers", 1), ("student_hidden", 1), ("student_heads", 1), ("init_every_k", 1),
-                      ("block_size", 2), ("n_critic", 1), ("critic_hidden", 1)):
+                      ("block_size", 2), ("n_critic", 1), ("critic_hidden", 1), ("eval_stride", 1),
+                      ("max_valid_tokens", 2)):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise UsageError(f"--{flag} must be >= {low}, got {value}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    for flag in ("hard_weight", "kl_weight", "mse_weight", "wd_weight", "gp_weight"):
+        if not (getattr(args, flag) >= 0 and math.isfinite(getattr(args, flag))):
+            raise UsageError(f"--{flag} must be a finite number >= 0, got {getattr(args, flag)}")
+    for flag in ("temperature", "critic_lr"):
+        if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
+            raise UsageError(f"--{flag} must be a finite number > 0, got {getattr(args, flag)}")
     return args
 
 

@@ -268,6 +268,8 @@ def test_script_flag_ranges_are_usage_errors():
 
     with pytest.raises(UserError, match="--student_layers must be >= 1, got 0"):
         distill.parse_args(["--task", "lm", "--train_file", "x.txt", "--teacher", "tiny", "--student_layers", "0"])
+    with pytest.raises(UserError, match="--kl_weight must be a finite number >= 0, got nan"):
+        distill.parse_args(["--task", "lm", "--train_file", "x.txt", "--teacher", "tiny", "--kl_weight", "nan"])
     with pytest.raises(UserError, match="--bptt must be >= 1, got 0"):
         lm_baselines.parse_args(["--bptt", "0"])
     with pytest.raises(UserError, match="--temperature must be a finite number >= 0"):
