@@ -68,12 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of KL(model || frozen initial model) on the yes/no distribution (0: off)")
     add_common_args(p, epochs=10, batch_size=8, lr=1e-5)
     args = p.parse_args(argv)
-    if not args.synthetic_weight > 0:
-        raise UsageError(f"--synthetic_weight must be > 0, got {args.synthetic_weight}")
+    if not 0 < args.synthetic_weight < float("inf"):
+        raise UsageError(f"--synthetic_weight must be a finite number > 0, got {args.synthetic_weight}")
     if args.synthetic_weight != 1.0 and not args.synthetic_train:
         raise UsageError("--synthetic_weight needs --synthetic_train")
-    if not args.kl_lambda >= 0:
-        raise UsageError(f"--kl_lambda must be >= 0, got {args.kl_lambda}")
+    if not 0 <= args.kl_lambda < float("inf"):
+        raise UsageError(f"--kl_lambda must be a finite number >= 0, got {args.kl_lambda}")
     if args.para_train == "none" and not args.synthetic_train:
         raise UsageError("--para_train none needs --synthetic_train (there would be nothing to train on)")
     return args
