@@ -53,6 +53,9 @@ def test_kill_during_a_checkpoint_write_then_resume_ends_as_uninterrupted(tmp_pa
     names = {p.name for p in run_dir.iterdir()}
     assert {n for n in names if n.endswith(".pt")} == left
     assert any(n.endswith(".tmp") for n in names)  # the half-written checkpoint
+    if kill_at == "last.pt:2":  # best.pt holds epoch 2, last.pt epoch 1: best.pt is the best so far
+        _, paused = regression_run(run_dir, "--resume", str(run_dir), "--stop_after_epoch", "1")
+        assert paused.interrupted and paused.best_epoch == 2 == checkpoint.load(run_dir / "best.pt")["epoch"]
     model, result = regression_run(run_dir, "--resume", str(run_dir))
     state, reference = uninterrupted
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
