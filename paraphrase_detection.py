@@ -81,8 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    check_file_flags({"--para_train": None if args.para_train == "none" else args.para_train, "--para_dev": args.para_dev,
-                      "--para_test": args.para_test, "--synthetic_train": args.synthetic_train},
+    check_file_flags({"--para_train": None if args.para_train == "none" else args.para_train,
+                      "--para_dev": args.para_dev, "--para_test": args.para_test,
+                      "--synthetic_train": args.synthetic_train},
                      {"--para_dev_out": args.para_dev_out, "--para_test_out": args.para_test_out})
     run = ScriptRun.start("paraphrase", args, resume_free=OUTPUT_FLAGS, data=DATA_FLAGS)
     splits = {}

@@ -88,7 +88,7 @@ def main(argv=None) -> dict | None:
     if writer.prompt_budget(model.config.max_position_embeddings) < 1:
         raise UsageError(f"--max_new_tokens {gen_cfg.max_new_tokens} leaves no room for a prompt in the model's "
                          f"{model.config.max_position_embeddings} positions")
-    writer.encode([p for _, p in dev_prompts + test_prompts], model.config.max_position_embeddings)  # reports long ones now
+    writer.encode([p for _, p in dev_prompts + test_prompts], model.config.max_position_embeddings)  # reports long ones
     encode = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     train_ids, dev_ids = encode(train), encode(dev_gold)
     truncated = {"train": sum(len(s) > max_length for s in train_ids), "dev": sum(len(s) > max_length for s in dev_ids)}

@@ -8,9 +8,10 @@ Two layouts, both plain text (CRLF or LF):
   `\\n{index}\\n{text}\\n\\n` (exactly what the starter's `sonnet_generation.py` writes).
 
 Files are read as UTF-8 (`common.io.read_text`: a byte-order mark is dropped, so it cannot hide the
-first number line; invalid bytes are a `DataError` naming the line).  Parsing follows the starter's `SonnetsDataset` (`re.split(r'\\n\\s*\\d+\\s*\\n', text)[1:]`, each piece
-stripped): a line holding only digits (and whitespace) starts the next sonnet, and the text before
-the first such line is the header.  So, as in the starter, a generated line made only of digits
+first number line; invalid bytes are a `DataError` naming the line).  Parsing follows the starter's
+`SonnetsDataset` (`re.split(r'\\n\\s*\\d+\\s*\\n', text)[1:]`, each piece stripped): a line
+holding only digits (and whitespace) starts the next sonnet, and the text before the first such line
+is the header.  So, as in the starter, a generated line made only of digits
 would start a new sonnet.
 """
 from __future__ import annotations

@@ -117,7 +117,8 @@ def test_invalid_utf8_names_file_and_line_in_every_reader(tmp_path):
 
     bad = b"\xff\xfe not UTF-8"
     cases = [
-        ("s.csv", b"\tid\tsentence\tsentiment\n0\ta\tok\t1\n1\tb\t" + bad + b"\t0\n", lambda p: read_sentiment(p, 5), 3),
+        ("s.csv", b"\tid\tsentence\tsentiment\n0\ta\tok\t1\n1\tb\t" + bad + b"\t0\n", lambda p: read_sentiment(p, 5),
+         3),
         ("q.csv", b"\tid\tsentence1\tsentence2\tis_duplicate\n0\ta\t" + bad + b"\tx\t1\n", read_paraphrase, 2),
         ("sonnets.txt", b"Sonnets\n\n1\n" + bad + b"\n", read_numbered_sonnets, 4),
         ("corpus.txt", b"one\ntwo\n" + bad, read_documents, 3),
@@ -169,14 +170,16 @@ def test_resume_accepts_decoding_and_output_changes_and_refuses_training_changes
         sg.main([*resume, "--lr", "2e-5"])
     original = files["--sonnet_path"].read_bytes()
     files["--sonnet_path"].write_bytes(original.replace(b"\n1\n", b"\n1\n\nAn added line,", 1))
-    with pytest.raises(UserError, match=rf"training data changed .*--sonnet_path: sha256 \w+ of {files['--sonnet_path']}"):
+    changed = rf"training data changed .*--sonnet_path: sha256 \w+ of {files['--sonnet_path']}"
+    with pytest.raises(UserError, match=changed):
         sg.main(resume)
     files["--sonnet_path"].write_bytes(original)
     metrics = sg.main([*resume, "--top_p", "0.5", "--temperature", "0.8", "--sonnet_out", str(tmp_path / "t2.txt")])
     assert metrics is not None and (tmp_path / "t2.txt").is_file()
 
     chrf_run = tmp_path / "chrf"  # with --select_by chrf decoding picks the best epoch: it may not change
-    assert sg.main(sonnet_args(tmp_path, tokenizer_dir, files, "--run_dir", str(chrf_run), "--stop_after_epoch", "1")) is None
+    assert sg.main(sonnet_args(tmp_path, tokenizer_dir, files, "--run_dir", str(chrf_run),
+                               "--stop_after_epoch", "1")) is None
     with pytest.raises(UserError, match=r"--top_p: saved 0.9, now 0.5"):
         sg.main(sonnet_args(tmp_path, tokenizer_dir, files, "--resume", str(chrf_run), "--top_p", "0.5"))
 
@@ -231,7 +234,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_build(tmp_path, to
     transformers.GPT2LMHeadModel(tiny_hf_config(vocab_size=1000)).save_pretrained(tmp_path / "small-vocab")
     corpus = tmp_path / "c.txt"
     corpus.write_text("a few words\n" * 2000)
-    with pytest.raises(ConfigError, match=r"^tokenizer: the tokenizer has 50,257 tokens but the model .* embeds only 1,000"):
+    with pytest.raises(ConfigError, match=r"^tokenizer: the tokenizer has 50,257 tokens but the model .* only 1,000"):
         pretrain.main(["--model_size", str(tmp_path / "small-vocab"), "--tokenizer", str(tokenizer_dir), "--corpus",
                        str(corpus), "--run_dir", str(tmp_path / "run"), "--no_progress"])
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -109,8 +109,8 @@ def check_signature(saved: dict, now: dict, resume_dir) -> None:
     changed = [f"{k[len(DATA_KEY):]}: {saved[k]} when the run started, now {now[k]}"
                for k in sorted(now) if k.startswith(DATA_KEY) and k in saved and saved[k] != now[k]]
     if changed:
-        raise UserError(f"--resume {resume_dir}: the training data changed since the run started ({'; '.join(changed)}); "
-                        f"restore the files the run was started with, or start a new run")
+        raise UserError(f"--resume {resume_dir}: the training data changed since the run started "
+                        f"({'; '.join(changed)}); restore the files the run was started with, or start a new run")
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
             if saved.get(k) != now.get(k) and not k.startswith(DATA_KEY)}
     if diff:

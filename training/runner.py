@@ -27,12 +27,12 @@ import torch
 from common.errors import CheckpointError, ConfigError
 from models.hf_io import WeightsFileError
 from training.build import build_model, load_tokenizer_for, seed_everything
+from training.checkpoint import DATA_KEY
 from training.cli import build_configs, resolve_device
 from training.config import RunConfig
 from training.rundir import open_run_dir
 from training.runlog import MetricsLog, say
 from training.task import TrainTask
-from training.checkpoint import DATA_KEY
 from training.trainer import FitResult, Trainer, model_config
 
 
