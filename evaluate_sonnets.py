@@ -8,7 +8,9 @@ Generated and gold sonnets are paired by NUMBER (sonnet_generation.py writes eac
 its prompt's number): a sonnet of one file without its partner in the other is an error naming the
 numbers, so test completions are never scored against dev gold.  A file numbered 0..N-1 (the
 starter's sonnet_generation.py writes positions, not sonnet numbers) is paired in order with N gold
-sonnets, with a warning that the pairing cannot be checked.  The heuristics behind each column are
+sonnets and checked by content instead: a completion starts with its prompt, the first lines of its
+gold sonnet, so a file in which no sonnet starts like its partner answers other prompts and is
+refused (some that do not: a warning naming them).  The heuristics behind each column are
 documented in `evaluation/sonnet_form.py`.
 """
 from __future__ import annotations
@@ -60,10 +62,15 @@ def pair_by_number(generated: list[tuple[int, str]], gold: list[tuple[int, str]]
     if set(gen) == set(ref):
         return [(n, text, ref[n]) for n, text in gen.items()]
     if list(gen) == list(range(len(gen))) and len(gen) == len(ref):
-        print(f"warning: --generated {gen_path} numbers its sonnets 0..{len(gen) - 1} (the starter's positions): "
-              f"paired in order with --gold {gold_path} sonnets {min(ref)}..{max(ref)}; that they answer the same "
-              f"prompts cannot be checked", file=sys.stderr)
-        return [(n, text, gold_text) for (n, text), gold_text in zip(gen.items(), ref.values())]
+        pairs = [(n, text, gold_text) for (n, text), gold_text in zip(gen.items(), ref.values())]
+        unlike = [n for n, text, gold_text in pairs if not text.startswith(gold_text.split("\n", 1)[0].strip())]
+        where = f"--generated {gen_path} (numbered 0..{len(gen) - 1}, the starter's positions) and --gold {gold_path}"
+        if len(unlike) == len(pairs):
+            raise UsageError(f"{where}: no generated sonnet starts with the first line of the gold sonnet in its "
+                             f"position, so they answer other prompts; pass the gold file of the same prompts")
+        print(f"warning: {where} paired in order" + (f"; sonnet(s) {_numbers(unlike)} do not start with the first "
+                                                     f"line of their gold sonnet" if unlike else ""), file=sys.stderr)
+        return pairs
     missing, extra = sorted(set(ref) - set(gen)), sorted(set(gen) - set(ref))
     raise UsageError(f"--generated {gen_path} and --gold {gold_path} hold different sonnets (paired by number): "
                      f"{_numbers(extra)} without gold, {_numbers(missing)} not generated; pass the gold file of the "

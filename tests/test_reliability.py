@@ -220,7 +220,10 @@ def test_evaluate_sonnets_pairs_by_number_and_refuses_other_sets(tmp_path, capsy
         evaluate_sonnets.main(["--generated", str(test), "--gold", str(gold)])
     starter = write_generated_sonnets(tmp_path / "starter.txt", [(0, a), (1, b)])  # the starter writes positions
     assert evaluate_sonnets.main(["--generated", str(starter), "--gold", str(gold)])["overall"]["chrf"] > 99
-    assert "numbers its sonnets 0..1 (the starter's positions)" in capsys.readouterr().err
+    assert "(numbered 0..1, the starter's positions)" in capsys.readouterr().err
+    other = write_generated_sonnets(tmp_path / "other.txt", [(0, sonnet_text(rng)), (1, sonnet_text(rng))])
+    with pytest.raises(UserError, match="no generated sonnet starts with the first line of the gold sonnet"):
+        evaluate_sonnets.main(["--generated", str(other), "--gold", str(gold)])
     twice = write_generated_sonnets(tmp_path / "twice.txt", [(132, a), (132, b)])
     with pytest.raises(DataError, match="sonnet 132 appears twice"):
         evaluate_sonnets.main(["--generated", str(twice), "--gold", str(gold)])
