@@ -27,7 +27,7 @@ from tasks.data import read_sentiment, write_sentiment_predictions
 from tasks.leaderboard import PREDICTIONS_DIR, sentiment_file
 from tasks.sentiment import DATASETS, FINE_TUNE_MODES, GPT2SentimentClassifier, encode_texts
 from training.batching import pad_right
-from training.cli import UsageError, add_common_args, entry_point
+from training.cli import UsageError, add_common_args, check_file_flags, entry_point
 from training.distributed import is_main
 from training.inference import batched_inference
 from training.runner import ScriptRun
@@ -60,10 +60,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace) -> Optional[dict]:
-    num_labels = DATASETS[name]
-    splits = {split: run.limit(read_sentiment(getattr(args, f"{name}_{split}"), num_labels, labeled=split != "test"))
+def file_flags(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(inputs, outputs) of the selected datasets, for `check_file_flags`."""
+    inputs = {f"--{name}_{split}": getattr(args, f"{name}_{split}") for name in args.datasets
               for split in ("train", "dev", "test")}
+    outputs = {f"--predictions_dir ({name} {split})": Path(args.predictions_dir) /
+               sentiment_file(args.fine_tune_mode, name, split) for name in args.datasets for split in ("dev", "test")}
+    return inputs, outputs
+
+
+def read_splits(name: str, run: ScriptRun, args: argparse.Namespace) -> dict:
+    return {split: run.limit(read_sentiment(getattr(args, f"{name}_{split}"), DATASETS[name], labeled=split != "test"))
+            for split in ("train", "dev", "test")}
+
+
+def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dict) -> Optional[dict]:
+    num_labels = DATASETS[name]
     backbone = run.build(GPT2Model)
     model = GPT2SentimentClassifier(backbone, num_labels, args.hidden_dropout_prob).to(run.device)
     max_length, tokenizer, precision = run.max_length(backbone), run.tokenizer, run.cfg.train.precision
@@ -111,10 +123,13 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace) -> Optional
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    run = ScriptRun.start("classifier", args, resume_free=OUTPUT_FLAGS)
+    check_file_flags(*file_flags(args))
+    run = ScriptRun.start("classifier", args, resume_free=OUTPUT_FLAGS,
+                          data=[f"{name}_{split}" for name in args.datasets for split in ("train", "dev")])
+    data = {name: read_splits(name, run, args) for name in args.datasets}  # every file read before training
     results = {}
     for name in args.datasets:
-        dev = run_dataset(name, run, args)
+        dev = run_dataset(name, run, args, data[name])
         if dev is None:  # --stop_after_epoch
             return results
         results[name] = dev

@@ -22,6 +22,7 @@ by side (also `<run_dir>/report.json`) and saves the student to `<run_dir>/stude
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -35,7 +36,7 @@ from distillation.tasks import DistillData, lm_task, para_task
 from models.gpt2 import GPT2LMHeadModel
 from common.params import count_parameters
 from training.checkpoint import load_model
-from training.cli import UsageError, add_common_args, entry_point
+from training.cli import UsageError, add_common_args, check_file_flags, entry_point
 from training.runner import ScriptRun
 
 
@@ -86,21 +87,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--student_layers/--student_hidden/--student_heads shape a student made from the teacher's "
                          "architecture (--model_size teacher); with another --model_size use its own shape")
     for flag, low in (("student_layers", 1), ("student_hidden", 1), ("student_heads", 1), ("init_every_k", 1),
-                      ("block_size", 2), ("n_critic", 1), ("critic_hidden", 1)):
+                      ("block_size", 2), ("n_critic", 1), ("critic_hidden", 1), ("eval_stride", 1),
+                      ("max_valid_tokens", 2)):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise UsageError(f"--{flag} must be >= {low}, got {value}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    for flag in ("hard_weight", "kl_weight", "mse_weight", "wd_weight", "gp_weight"):
+        if not (getattr(args, flag) >= 0 and math.isfinite(getattr(args, flag))):
+            raise UsageError(f"--{flag} must be a finite number >= 0, got {getattr(args, flag)}")
+    for flag in ("temperature", "critic_lr"):
+        if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
+            raise UsageError(f"--{flag} must be a finite number > 0, got {getattr(args, flag)}")
     return args
+
+
+def data_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags of the task's data files (checked at start-up, fingerprinted for --resume)."""
+    return ("train_file", "valid_file") if args.task == "lm" else ("para_train", "para_dev")
 
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    check_file_flags({f"--{k}": getattr(args, k) for k in (*data_flags(args), "teacher_checkpoint")})
     model_size = args.model_size
     if model_size == "teacher":
         args.model_size = args.teacher  # what the trainer's model config records; the student is built below
-    run = ScriptRun.start(f"distill-{args.task}", args)
+    run = ScriptRun.start(f"distill-{args.task}", args, data=data_flags(args))
     device = run.device
     teacher = load_model(GPT2LMHeadModel, args.teacher, args.teacher_checkpoint).to(device) if args.teacher else None
     if model_size != "teacher":

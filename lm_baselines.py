@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import time
@@ -25,7 +26,7 @@ from lm.corpus import find_data_file
 from lm.models import build_baseline
 from lm.report import write_results
 from lm.vocab import Vocabulary, read_english_sentences, read_ptb_sentences
-from training.cli import UsageError, add_device_args, entry_point, resolve_device
+from training.cli import UsageError, add_device_args, check_file_flags, entry_point, resolve_device
 
 DEFAULT_PROMPTS = ["the company said", "in the first quarter", "the president of the"]
 
@@ -76,12 +77,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "tf_batch_size", "sample_words"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("cross_max_words", "max_steps_per_epoch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not (args.lr > 0 and args.lr < float("inf")):
-        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    for flag, low in (("lr", 0.0), ("clip", 0.0)):
+        if not (getattr(args, flag) > low and math.isfinite(getattr(args, flag))):
+            raise UsageError(f"--{flag} must be a finite number > {low:g}, got {getattr(args, flag)}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.max_minutes is not None and not all(m > 0 and math.isfinite(m) for m in args.max_minutes):
+        raise UsageError(f"--max_minutes must be finite numbers > 0, got {args.max_minutes}")
     args.device = str(resolve_device("cuda" if args.use_gpu else args.device))
+    check_files(args)
     return args
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Every corpus file exists (the defaults resolved under data/ or ../shared/data) and --out is
+    a directory to write into, before any model trains."""
+    try:
+        for split in ("train", "valid", "test"):
+            path = args.ptb_dir / f"ptb.{split}.txt" if args.ptb_dir else find_data_file(f"ptb/ptb.{split}.txt")
+            check_file_flags({"--ptb_dir": path})
+        args.wikitext = args.wikitext or find_data_file("wikitext-2/test.txt")
+        args.shakespeare = args.shakespeare or find_data_file("tinyshakespeare/input.txt")
+    except FileNotFoundError as exc:
+        raise UsageError(f"{exc}") from None
+    check_file_flags({"--wikitext": args.wikitext, "--shakespeare": args.shakespeare})
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory for the results")
 
 
 def load_streams(args, log):

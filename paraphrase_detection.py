@@ -40,7 +40,7 @@ from tasks.data import read_paraphrase, write_paraphrase_predictions
 from tasks.leaderboard import default_path, paraphrase_file
 from tasks.paraphrase import LABEL_TOKENS, encode_pairs, two_way_logits
 from training.batching import pad_right
-from training.cli import UsageError, add_common_args, entry_point
+from training.cli import UsageError, add_common_args, check_file_flags, entry_point
 from training.distributed import is_main
 from training.efficient import frozen_copy
 from training.inference import batched_inference
@@ -48,6 +48,7 @@ from training.runner import ScriptRun
 from training.task import TrainTask
 
 OUTPUT_FLAGS = {"para_dev_out", "para_test_out"}  # may change on --resume
+DATA_FLAGS = ("para_train", "para_dev", "synthetic_train")  # their files' fingerprints must not change on --resume
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,12 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of KL(model || frozen initial model) on the yes/no distribution (0: off)")
     add_common_args(p, epochs=10, batch_size=8, lr=1e-5)
     args = p.parse_args(argv)
-    if not args.synthetic_weight > 0:
-        raise UsageError(f"--synthetic_weight must be > 0, got {args.synthetic_weight}")
+    if not 0 < args.synthetic_weight < float("inf"):
+        raise UsageError(f"--synthetic_weight must be a finite number > 0, got {args.synthetic_weight}")
     if args.synthetic_weight != 1.0 and not args.synthetic_train:
         raise UsageError("--synthetic_weight needs --synthetic_train")
-    if not args.kl_lambda >= 0:
-        raise UsageError(f"--kl_lambda must be >= 0, got {args.kl_lambda}")
+    if not 0 <= args.kl_lambda < float("inf"):
+        raise UsageError(f"--kl_lambda must be a finite number >= 0, got {args.kl_lambda}")
     if args.para_train == "none" and not args.synthetic_train:
         raise UsageError("--para_train none needs --synthetic_train (there would be nothing to train on)")
     return args
@@ -80,7 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    run = ScriptRun.start("paraphrase", args, resume_free=OUTPUT_FLAGS)
+    check_file_flags({"--para_train": None if args.para_train == "none" else args.para_train,
+                      "--para_dev": args.para_dev, "--para_test": args.para_test,
+                      "--synthetic_train": args.synthetic_train},
+                     {"--para_dev_out": args.para_dev_out, "--para_test_out": args.para_test_out})
+    run = ScriptRun.start("paraphrase", args, resume_free=OUTPUT_FLAGS, data=DATA_FLAGS)
     splits = {}
     splits["train"], train_weights, n_synth = synthetic.training_examples(
         args.para_train, args.synthetic_train, args.synthetic_weight, run.cfg.train.limit)

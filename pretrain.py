@@ -97,7 +97,7 @@ def copy_tokenizer_files(cfg: ModelConfig, model_dir: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    run = ScriptRun.start("pretrain", args)
+    run = ScriptRun.start("pretrain", args, data=("corpus",))
     model = run.build(GPT2LMHeadModel)
     block_size = min(run.cfg.model.max_length or DEFAULT_BLOCK, model.config.max_position_embeddings)
     blocks = build_blocks(args, run, block_size)

@@ -28,15 +28,18 @@ from models.gpt2 import GPT2LMHeadModel
 from models.losses import next_token_loss
 from tasks.completion import SonnetWriter
 from tasks.leaderboard import SONNET_DEV_FILE, SONNET_TEST_FILE, default_path
-from tasks.sonnets import read_numbered_sonnets, write_generated_sonnets
+from tasks.sonnets import read_numbered_sonnets, sonnets_by_number, write_generated_sonnets
 from training.batching import pad_right
 from training.build import autocast
-from training.cli import DECODING_FLAGS, UsageError, add_common_args, add_decoding_args, entry_point, generation_config
+from training.cli import (DECODING_FLAGS, UsageError, add_common_args, add_decoding_args, check_file_flags, entry_point,
+                          generation_config)
 from training.distributed import is_main
 from training.runner import ScriptRun
 from training.task import Evaluation, TrainTask
 
 OUTPUT_FLAGS = {"sonnet_out", "sonnet_dev_out", "held_out_sonnet_path"}  # may change on --resume
+DATA_FLAGS = ("sonnet_path", "held_out_dev_path", "gold_dev_path")  # fingerprinted: must not change on --resume
+INPUT_FLAGS = (*DATA_FLAGS, "held_out_sonnet_path")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,11 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     gen_cfg = generation_config(args)  # every decoding flag checked before any work
+    check_file_flags({f"--{k}": getattr(args, k) for k in INPUT_FLAGS}, {f"--{k}": getattr(args, k) for k in
+                                                                         ("sonnet_out", "sonnet_dev_out")})
     free = OUTPUT_FLAGS | (DECODING_FLAGS if args.select_by == "loss" else set())
-    run = ScriptRun.start("sonnet", args, resume_free=free)
+    run = ScriptRun.start("sonnet", args, resume_free=free, data=DATA_FLAGS)
     train = [t for _, t in run.limit(read_numbered_sonnets(args.sonnet_path))]
     dev_prompts = run.limit(read_numbered_sonnets(args.held_out_dev_path))
-    gold = dict(read_numbered_sonnets(args.gold_dev_path))
+    gold = sonnets_by_number(read_numbered_sonnets(args.gold_dev_path), args.gold_dev_path)
     missing = [n for n, _ in dev_prompts if n not in gold]
     if missing:
         raise DataError(f"{args.gold_dev_path}: no gold sonnet for dev prompt(s) {missing} of {args.held_out_dev_path}")
@@ -83,6 +88,7 @@ def main(argv=None) -> dict | None:
     if writer.prompt_budget(model.config.max_position_embeddings) < 1:
         raise UsageError(f"--max_new_tokens {gen_cfg.max_new_tokens} leaves no room for a prompt in the model's "
                          f"{model.config.max_position_embeddings} positions")
+    writer.encode([p for _, p in dev_prompts + test_prompts], model.config.max_position_embeddings)  # reports long ones
     encode = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     train_ids, dev_ids = encode(train), encode(dev_gold)
     truncated = {"train": sum(len(s) > max_length for s in train_ids), "dev": sum(len(s) > max_length for s in dev_ids)}

@@ -113,9 +113,10 @@ def read_jsonl_log(path: str | Path) -> list[dict]:
     return out
 
 
-def read_text(path: str | Path, what: Optional[str] = None) -> str:
+def read_text(path: str | Path, what: Optional[str] = None, universal_newlines: bool = True) -> str:
     """The text of a UTF-8 file with universal newlines and no byte-order mark.  Invalid UTF-8 is a
-    DataError naming the file, line and byte offset (`what` describes the file in the message)."""
+    DataError naming the file, line and byte offset (`what` describes the file in the message).
+    `universal_newlines=False` keeps every CR (for a `csv` reader, which handles line ends itself)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file" + (f" ({what})" if what else ""))
@@ -128,4 +129,4 @@ def read_text(path: str | Path, what: Optional[str] = None) -> str:
                         f"UTF-8; save the file as UTF-8" + (f" ({what})" if what else "")) from None
     if text.startswith(BOM):
         text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\r\n", "\n").replace("\r", "\n") if universal_newlines else text

@@ -1,6 +1,7 @@
 """Corpora for language modelling: finding data files, reading documents, packing token blocks.
 
-Documents come from plain text files (one file = one document), the Poetry Foundation CSV
+Every file is read as UTF-8 (`common.io.read_text`: a byte-order mark dropped, invalid bytes a
+`DataError` naming the line).  Documents come from plain text files (one file = one document), the Poetry Foundation CSV
 (its `Poem` column, one poem = one document) or a `sonnets.txt`-style file (one sonnet = one
 document, parsed by `evaluation.sonnets`).  For continued pretraining the documents are
 tokenised, joined with `<|endoftext|>` (each document is followed by one) and cut into
@@ -9,6 +10,7 @@ fixed-length blocks, as in GPT-2's own training (Radford et al., 2019).
 from __future__ import annotations
 
 import csv
+import io
 import random
 import re
 import sys
@@ -17,7 +19,8 @@ from typing import Sequence
 
 import torch
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
+from common.io import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -68,15 +71,18 @@ def read_poetry_csv(path: str | Path, column: str = "Poem") -> list[str]:
     cells hold embedded newlines)."""
     path = Path(path)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); "
-                             f"is this the Poetry Foundation CSV?")
+    reader = csv.DictReader(io.StringIO(read_text(path, "Poetry Foundation CSV", universal_newlines=False),
+                                        newline=""))
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        raise DataError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); "
+                        f"is this the Poetry Foundation CSV?")
+    try:
         poems = [clean_poem(row[column] or "") for row in reader]
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {reader.line_num}: {exc}") from None
     poems = [p for p in poems if p.strip()]
     if not poems:
-        raise ValueError(f"{path}: every {column!r} cell is blank")
+        raise DataError(f"{path}: every {column!r} cell is blank")
     return poems
 
 
@@ -93,7 +99,7 @@ def read_documents(path: str | Path, fmt: str = "auto") -> list[str]:
     `*.csv` -> poetry_csv, `sonnets*` -> sonnets, anything else -> one plain-text document)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such corpus file")
+        raise DataError(f"{path}: no such corpus file")
     if fmt not in FORMATS:
         raise ValueError(f"unknown corpus format {fmt!r}; choose one of {FORMATS}")
     fmt = detect_format(path) if fmt == "auto" else fmt
@@ -103,9 +109,9 @@ def read_documents(path: str | Path, fmt: str = "auto") -> list[str]:
         from tasks.sonnets import read_sonnets
 
         return read_sonnets(path)
-    text = normalize_newlines(path.read_text(encoding="utf-8"))
+    text = normalize_newlines(read_text(path, "corpus file"))
     if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
+        raise DataError(f"{path}: the file is empty")
     return [text]
 
 

@@ -6,7 +6,10 @@ stores its projections as `Conv1D` with weights laid out (in, out); ours are `nn
 (out, in), so those are transposed, and HF's fused `c_attn` is split into our separate
 query/key/value projections.  Every key and every shape is checked; nothing is loaded by
 assigning `.data`, and no pickled code is ever executed (safetensors first, `.bin` only
-through `torch.load(weights_only=True)`).
+through `torch.load(weights_only=True)`; both the zip and the older non-zip `.bin` layout).
+Every floating-point tensor is checked for NaN and infinity as it is read: a file with
+overwritten bytes is a `WeightsFileError` naming the file and the tensor, never a model that
+trains on NaNs.
 """
 from __future__ import annotations
 
@@ -124,8 +127,46 @@ def hub_snapshot(repo: str, patterns: list[str], allow_network: bool = True) -> 
         return Path(snapshot_download(repo, allow_patterns=patterns))
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read, holds non-finite values or does not fit the model; the
+    message names the file (and the tensor) and what to do."""
+
+
+def _checked(get: Callable[[], torch.Tensor], key: str, file: Path) -> Callable[[], torch.Tensor]:
+    """`get`, reading tensor `key` of `file`, with read errors and NaN/inf reported by name."""
+    def load() -> torch.Tensor:
+        try:
+            tensor = get()
+        except Exception as exc:  # noqa: BLE001  (safetensors and torch raise their own types)
+            raise WeightsFileError(f"{file}: tensor {key} cannot be read ({type(exc).__name__}: {exc}); the file is "
+                                   f"truncated or corrupted: download or export it again") from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsFileError(f"{file}: tensor {key} holds NaN or infinite values; the file is corrupted "
+                                   f"(download or export it again) or comes from a diverged run")
+        return tensor
+    return load
+
+
+def _load_bin(file: Path) -> dict:
+    """A `pytorch_model.bin` state dict, memory-mapped when it is in torch's zip layout (the older
+    non-zip layout cannot be mapped and is read whole)."""
+    import zipfile
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as exc:  # noqa: BLE001
+        refused = "weights_only" in str(exc) or "Weights only" in str(exc)
+        what = "holds pickled objects other than tensors (refused: loading would run code)" if refused else \
+            "cannot be read (truncated or corrupted; download or export it again)"
+        raise WeightsFileError(f"{file}: {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise WeightsFileError(f"{file}: expected a state dict of tensors, found {type(state).__name__}")
+    return state
+
+
 def _tensor_sources(directory: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(key, loader) for every tensor in the checkpoint; tensors are read lazily, one at a time."""
+    """(key, loader) for every tensor in the checkpoint; tensors are read lazily, one at a time, and
+    each loader raises WeightsFileError (naming file and tensor) for unreadable or non-finite data."""
     st_index, st_single = directory / "model.safetensors.index.json", directory / "model.safetensors"
     bin_index, bin_single = directory / "pytorch_model.bin.index.json", directory / "pytorch_model.bin"
     if st_single.exists() or st_index.exists():
@@ -134,17 +175,21 @@ def _tensor_sources(directory: Path) -> Iterator[tuple[str, Callable[[], torch.T
         files = ([st_single] if st_single.exists() else
                  sorted({directory / f for f in json.loads(st_index.read_text())["weight_map"].values()}))
         for f in files:
-            with safe_open(str(f), framework="pt") as handle:
+            try:
+                handle_cm = safe_open(str(f), framework="pt")
+            except Exception as exc:  # noqa: BLE001  (SafetensorError, OSError)
+                raise WeightsFileError(f"{f}: not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
+                                       f"truncated or corrupted: download or export it again") from None
+            with handle_cm as handle:
                 for key in handle.keys():
-                    yield key, (lambda h=handle, k=key: h.get_tensor(k))
+                    yield key, _checked(lambda h=handle, k=key: h.get_tensor(k), key, f)
         return
     if bin_single.exists() or bin_index.exists():
         files = ([bin_single] if bin_single.exists() else
                  sorted({directory / f for f in json.loads(bin_index.read_text())["weight_map"].values()}))
         for f in files:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in state.items():
-                yield key, (lambda t=tensor: t)
+            for key, tensor in _load_bin(f).items():
+                yield key, _checked(lambda t=tensor: t, key, f)
         return
     raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded index) found")
 
@@ -201,7 +246,7 @@ def load_state_into(backbone: torch.nn.Module, directory: Path) -> None:
     if head_differs:
         problems.append("lm_head.weight differs from wte.weight, but GPT-2 ties them")
     if problems:
-        raise ValueError(f"checkpoint {directory} does not fit GPT-2 "
+        raise WeightsFileError(f"checkpoint {directory} does not fit GPT-2 "
                          f"({backbone.config.num_hidden_layers} layers, width {backbone.config.hidden_size}): "
                          + " | ".join(problems))
 

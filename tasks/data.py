@@ -2,8 +2,14 @@
 
 Input files are tab-separated with a leading unnamed index column; columns are read BY NAME
 (`id`, `sentence`, `sentiment`, `sentence1`, `sentence2`, `is_duplicate`), because the
-`*-test-student.csv` files carry an odd header (`0`, ``, `id`, `sentence`).  Quoting follows
-Python's `csv` module defaults, as the starter's `csv.DictReader(fp, delimiter='\\t')`.
+`*-test-student.csv` files carry an odd header (`0`, ``, `id`, `sentence`).  Files are UTF-8 (a
+byte-order mark is dropped; invalid bytes are an error naming the line: `common.io.read_text`).
+
+One line is one record.  A field that is quoted as a whole (`"..."`, inner quotes doubled) is
+unquoted as Python's `csv` module would (the starter's `csv.DictReader(fp, delimiter='\\t')`), so
+every well-formed row reads as it did there; any other quote is an ordinary character.  The `csv`
+module instead lets a stray opening quote run on across tabs and line ends, silently merging every
+following row into one field (rows vanish); here such a field is kept as written and reported.
 
 Quora files come in the layouts found in the wild: with or without a header line, with or without
 the leading index column, labels `1`/`0` or `1.0`/`0.0`, test files without labels.
@@ -17,7 +23,6 @@ starter's exact formats:
 """
 from __future__ import annotations
 
-import csv
 import re
 import sys
 from dataclasses import dataclass
@@ -25,9 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from common.errors import DataError
-from common.io import atomic_write_text
-
-csv.field_size_limit(sys.maxsize)  # CFIMDB reviews are long
+from common.io import atomic_write_text, read_text
 
 SENTIMENT_HEADER = "id \t Predicted_Sentiment "
 PARAPHRASE_HEADER = "id \t Predicted_Is_Paraphrase "
@@ -56,23 +59,39 @@ def clean_text(text: str) -> str:
     return _BR.sub("\n", text).strip()
 
 
+_QUOTED = re.compile(r'"((?:[^"]|"")*)"')
+
+
+def _field(raw: str) -> tuple[str, bool]:
+    """(value, well_formed): a field quoted as a whole loses its quotes (`""` -> `"`), as in `csv`;
+    a field that opens a quote it does not close is kept as written (well_formed False)."""
+    m = _QUOTED.fullmatch(raw)
+    if m:
+        return m.group(1).replace('""', '"'), True
+    return raw, not raw.startswith('"')
+
+
 def _rows(path: str | Path) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank record of a tab-separated file."""
+    """(line number, fields) of every non-blank line of a tab-separated file: one line, one record."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (copy the CS224N data into data/, e.g. "
                         f"`mkdir -p data && cp ../shared/data/cs224n/* data/`, or pass the path flag)")
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        start = 1
-        try:
-            for fields in reader:
-                if fields and any(x.strip() for x in fields):
-                    out.append((start, fields))
-                start = reader.line_num + 1
-        except csv.Error as exc:
-            raise DataError(f"{path}, line {reader.line_num}: {exc}") from exc
+    out, stray = [], []
+    for n, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        fields = []
+        for raw in line.split("\t"):
+            value, ok = _field(raw)
+            fields.append(value)
+            if not ok:
+                stray.append(n)
+        out.append((n, fields))
+    if stray:
+        print(f"warning: {path}: {len(stray)} field(s) open a quote they do not close (lines "
+              f"{', '.join(map(str, stray[:5]))}{', ...' if len(stray) > 5 else ''}); the quote is read as a "
+              f"character and every row is kept", file=sys.stderr)
     return out
 
 

@@ -7,9 +7,11 @@ Two layouts, both plain text (CRLF or LF):
 * the generated-sonnets output: a first line `--Generated Sonnets-- `, then for each sonnet
   `\\n{index}\\n{text}\\n\\n` (exactly what the starter's `sonnet_generation.py` writes).
 
-Parsing follows the starter's `SonnetsDataset` (`re.split(r'\\n\\s*\\d+\\s*\\n', text)[1:]`, each piece
-stripped): a line holding only digits (and whitespace) starts the next sonnet, and the text before
-the first such line is the header.  So, as in the starter, a generated line made only of digits
+Files are read as UTF-8 (`common.io.read_text`: a byte-order mark is dropped, so it cannot hide the
+first number line; invalid bytes are a `DataError` naming the line).  Parsing follows the starter's
+`SonnetsDataset` (`re.split(r'\\n\\s*\\d+\\s*\\n', text)[1:]`, each piece stripped): a line
+holding only digits (and whitespace) starts the next sonnet, and the text before the first such line
+is the header.  So, as in the starter, a generated line made only of digits
 would start a new sonnet.
 """
 from __future__ import annotations
@@ -17,18 +19,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from common.io import atomic_write_text
+from common.errors import DataError
+from common.io import atomic_write_text, read_text
 
 GENERATED_HEADER = "--Generated Sonnets--"
 _NUMBER_LINE = re.compile(r"^\s*(\d+)\s*$")
 
 
 def _read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such sonnet file")
-    with open(path, "r", encoding="utf-8", newline=None) as f:  # universal newlines: CRLF -> LF
-        return f.read()
+    return read_text(path, "sonnet file")
 
 
 def _split_numbered(text: str, path: str | Path) -> list[tuple[int, str]]:
@@ -42,13 +41,13 @@ def _split_numbered(text: str, path: str | Path) -> list[tuple[int, str]]:
         elif items:
             items[-1][2].append(line)
     if not items:
-        raise ValueError(f"{path}: no sonnet found; each sonnet must be introduced by a line holding only "
+        raise DataError(f"{path}: no sonnet found; each sonnet must be introduced by a line holding only "
                          f"its number (the layout of sonnets.txt)")
     out = []
     for number, lineno, body in items:
         sonnet = "\n".join(body).strip()
         if not sonnet:
-            raise ValueError(f"{path}, line {lineno}: sonnet {number} is empty (a number line followed by "
+            raise DataError(f"{path}, line {lineno}: sonnet {number} is empty (a number line followed by "
                              f"no text before the next number line or the end of the file)")
         out.append((number, sonnet))
     return out
@@ -57,6 +56,17 @@ def _split_numbered(text: str, path: str | Path) -> list[tuple[int, str]]:
 def read_numbered_sonnets(path: str | Path) -> list[tuple[int, str]]:
     """(number, text) for each sonnet of a `sonnets.txt`-style file, in file order."""
     return _split_numbered(_read_text(path), path)
+
+
+def sonnets_by_number(items: list[tuple[int, str]], path: str | Path) -> dict[int, str]:
+    """number -> text of `read_numbered_sonnets` / `read_generated_sonnets` items; a number given twice
+    is a DataError (pairing by number would be ambiguous)."""
+    out: dict[int, str] = {}
+    for number, text in items:
+        if number in out:
+            raise DataError(f"{path}: sonnet {number} appears twice; each number may appear once")
+        out[number] = text
+    return out
 
 
 def read_sonnets(path: str | Path) -> list[str]:
@@ -69,7 +79,7 @@ def read_generated_sonnets(path: str | Path) -> list[tuple[int, str]]:
     text = _read_text(path)
     first = text.split("\n", 1)[0]
     if first.strip() != GENERATED_HEADER:
-        raise ValueError(f"{path}, line 1: expected the header {GENERATED_HEADER!r}, found {first[:60]!r}; "
+        raise DataError(f"{path}, line 1: expected the header {GENERATED_HEADER!r}, found {first[:60]!r}; "
                          f"is this a generated-sonnets file (for sonnets.txt-style files use read_sonnets)?")
     return _split_numbered(text, path)
 

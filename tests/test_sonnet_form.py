@@ -92,7 +92,7 @@ def test_evaluate_rows_and_overall():
 def test_cli_prints_table(tmp_path, capsys):
     import evaluate_sonnets
 
-    generated = write_generated_sonnets(tmp_path / "gen.txt", [(0, PERFECT), (1, line_syllables and "a b c")])
+    generated = write_generated_sonnets(tmp_path / "gen.txt", [(7, PERFECT), (8, line_syllables and "a b c")])
     gold = tmp_path / "gold.txt"
     gold.write_text(f"Sonnets\n\n\n7\n\n{PERFECT}\n\n8\n\n{PERFECT}\n")
     result = evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold),
@@ -101,7 +101,7 @@ def test_cli_prints_table(tmp_path, capsys):
     assert "| **all** |" in out and "ABAB CDCD EFEF GG" in out and "gold ppl" not in out
     assert result["overall"]["chrf"] == pytest.approx(chrf([PERFECT, "a b c"], [PERFECT, PERFECT]))
     assert (tmp_path / "out.json").exists()
-    with pytest.raises(UserError, match="paired in order"):
+    with pytest.raises(UserError, match="7, 8 without gold, 132, 133, .* not generated"):
         evaluate_sonnets.main(["--generated", str(generated), "--gold", str(CS224N_DATA / "TRUE_sonnets_held_out_dev.txt")])
 
 

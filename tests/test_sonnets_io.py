@@ -6,6 +6,7 @@ import re
 import pytest
 from sacrebleu.metrics import CHRF
 
+from common.errors import DataError
 from conftest import CS224N_DATA
 from evaluation.sonnets import chrf
 from tasks.sonnets import read_generated_sonnets, read_numbered_sonnets, read_sonnets, write_generated_sonnets
@@ -68,7 +69,7 @@ def test_bad_files_name_file_and_line(tmp_path):
     p.write_text("Sonnets\n\n1\n\ntext\n")
     with pytest.raises(ValueError, match="bad.txt, line 1: expected the header"):
         read_generated_sonnets(p)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(DataError, match="missing.txt: no such file"):
         read_sonnets(tmp_path / "missing.txt")
 
 

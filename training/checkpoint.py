@@ -6,6 +6,8 @@ checkpoint back into a model.
   over every tensor's dtype, shape and bytes and every other value, so flipped or overwritten bytes
   are caught on `load` even where torch's reader accepts them.  A truncated, empty or corrupted file
   is a `CheckpointError` naming the file and what to do, never torch's internal error.
+* `check_signature(saved, now, resume_dir)`: `--resume` refuses settings that differ from the run's
+  (naming each flag) and data files whose SHA-256 changed (naming each file).
 * `rng_state` / `set_rng_state`: Python, NumPy, torch (CPU and CUDA) and the data-order generator.
 * `load_model(cls, spec, checkpoint)`: a model from a preset / hub name / HF directory, optionally
   with the weights of a trainer checkpoint (a `best.pt`/`last.pt` file or a run directory): full
@@ -22,10 +24,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, UserError
 from common.io import atomic_write, atomic_write_text  # noqa: F401  (re-exported: older imports)
 
 CHECKSUM_KEY = "checksum"
+DATA_KEY = "data "  # signature entries "data --flag" -> SHA-256 of the file (training/runner.py)
 
 
 def _digest(obj, h) -> None:
@@ -98,6 +101,22 @@ def check_finite(obj, path, where: str = "") -> None:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             check_finite(v, path, f"{where}[{i}]")
+
+
+def check_signature(saved: dict, now: dict, resume_dir) -> None:
+    """UserError unless a resumed run shares the settings and the data of the run it continues.  A
+    run started before data fingerprints were recorded has none to compare."""
+    changed = [f"{k[len(DATA_KEY):]}: {saved[k]} when the run started, now {now[k]}"
+               for k in sorted(now) if k.startswith(DATA_KEY) and k in saved and saved[k] != now[k]]
+    if changed:
+        raise UserError(f"--resume {resume_dir}: the training data changed since the run started "
+                        f"({'; '.join(changed)}); restore the files the run was started with, or start a new run")
+    diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
+            if saved.get(k) != now.get(k) and not k.startswith(DATA_KEY)}
+    if diff:
+        lines = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise UserError(f"--resume {resume_dir}: the run was started with other settings ({lines}); resume with the "
+                        f"same ones (only output paths, decoding and progress flags may change)")
 
 
 def rng_state(data_generator: torch.Generator) -> dict:
@@ -191,8 +210,14 @@ def _adapter_for(model: torch.nn.Module, state: dict) -> dict:
 
 def load_model(cls, spec: str, checkpoint: Optional[str | Path] = None, random_init: bool = False,
                **config_overrides):
-    """`cls.from_name_or_path(spec)` (+ the weights of a trainer checkpoint), in eval mode."""
-    model = cls.from_name_or_path(spec, random_init=random_init, **config_overrides)
+    """`cls.from_name_or_path(spec)` (+ the weights of a trainer checkpoint), in eval mode; an unusable
+    weights file is a CheckpointError naming it."""
+    from models.hf_io import WeightsFileError
+
+    try:
+        model = cls.from_name_or_path(spec, random_init=random_init, **config_overrides)
+    except WeightsFileError as exc:
+        raise CheckpointError(str(exc)) from None
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model.eval()

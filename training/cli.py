@@ -265,6 +265,35 @@ class UsageError(UserError):
     """A bad flag, already phrased with the flag's name."""
 
 
+def check_file_flags(inputs: Optional[dict] = None, outputs: Optional[dict] = None) -> None:
+    """A script's files, checked before any work: every input exists; no output is a directory, an
+    input, or the file of another output (one would overwrite the other).  Keys name the flags in
+    the messages; values are a path, a list of paths or None (not given)."""
+    import os
+
+    def paths(table):
+        for flag, value in (table or {}).items():
+            for path in value if isinstance(value, (list, tuple)) else [value]:
+                if path is not None:
+                    yield flag, str(path), os.path.realpath(path)
+
+    read = {}
+    for flag, path, real in paths(inputs):
+        if not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file")
+        read.setdefault(real, (flag, path))
+    written = {}
+    for flag, path, real in paths(outputs):
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a directory; give the output file's path")
+        if real in read:
+            raise UsageError(f"{flag} {path} is also the input {read[real][0]} {read[real][1]}; writing it would "
+                             f"destroy the input: choose another output file")
+        if real in written:
+            raise UsageError(f"{written[real]} and {flag} both write {path}; give each output its own file")
+        written[real] = flag
+
+
 def resolve_device(device: str):
     """The torch.device of `--device` (auto: CUDA when available); under torchrun also joins the
     process group and takes cuda:LOCAL_RANK (see training/distributed.py)."""

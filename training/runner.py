@@ -8,23 +8,32 @@ tokenizer -> model -> `Trainer.fit` -> predictions.
 
 A script keeps only what is its own: its flags, how it reads and encodes its data, its TrainTask and
 the prediction files it writes.
+
+Two start-up checks guard a run against inputs that do not match it: `data=` names the flags of the
+files that decide what is trained (training and dev data); a SHA-256 of each goes into the run's
+signature, so `--resume` after one of them changed is refused naming the file.  And the tokenizer
+must fit the model: an id beyond the embedding would crash mid-training with an IndexError.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
+from common.errors import CheckpointError, ConfigError
+from models.hf_io import WeightsFileError
 from training.build import build_model, load_tokenizer_for, seed_everything
+from training.checkpoint import DATA_KEY
 from training.cli import build_configs, resolve_device
 from training.config import RunConfig
 from training.rundir import open_run_dir
 from training.runlog import MetricsLog, say
 from training.task import TrainTask
-from training.trainer import FitResult, Trainer
+from training.trainer import FitResult, Trainer, model_config
 
 
 @dataclass
@@ -37,9 +46,12 @@ class ScriptRun:
     _tokenizer: object = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, script: str, args: argparse.Namespace, resume_free: Iterable[str] = ()) -> "ScriptRun":
-        """Build and validate the configs, pick the device, open (and lock) the run directory, seed."""
+    def start(cls, script: str, args: argparse.Namespace, resume_free: Iterable[str] = (),
+              data: Iterable[str] = ()) -> "ScriptRun":
+        """Build and validate the configs, pick the device, open (and lock) the run directory, seed.
+        `data`: the flags (namespace fields) of the files that decide training, fingerprinted."""
         cfg = build_configs(args, resume_free)
+        cfg.signature.update(data_fingerprints(args, data))
         device = resolve_device(cfg.device)
         run_dir = open_run_dir(script, cfg.run_dir, cfg.train.resume)
         seed_everything(cfg.train.seed)
@@ -55,7 +67,20 @@ class ScriptRun:
         """The model of `--model_size` / `--init_checkpoint` with the flags' overrides, on the device,
         built right after seeding so its random parts (heads, tiny models) are reproducible."""
         seed_everything(self.cfg.train.seed)
-        return build_model(model_cls, self.cfg.model, **overrides).to(self.device)
+        try:
+            model = build_model(model_cls, self.cfg.model, **overrides)
+        except WeightsFileError as exc:
+            raise CheckpointError(str(exc)) from None
+        self.check_tokenizer(model)
+        return model.to(self.device)
+
+    def check_tokenizer(self, model) -> None:
+        """ConfigError (field `tokenizer`) when the tokenizer can produce ids the model cannot embed."""
+        config = model_config(model)
+        n = len(self.tokenizer)
+        if config is not None and n > config.vocab_size:
+            raise ConfigError("tokenizer", f"the tokenizer has {n:,} tokens but the model ({self.cfg.model.spec}) "
+                              f"embeds only {config.vocab_size:,}; use the tokenizer the model was made with")
 
     def max_length(self, model) -> int:
         return self.cfg.model.max_length or model.config.max_position_embeddings
@@ -69,6 +94,7 @@ class ScriptRun:
     def trainer(self, model, task: TrainTask, sub: Optional[str] = None, head=None) -> Trainer:
         """The shared trainer for `task`; `sub` keeps a task's checkpoints in RUN_DIR/sub (one run
         directory, several tasks; `--resume RUN_DIR` continues all of them)."""
+        self.check_tokenizer(model)
         run_dir = self.run_dir / sub if sub else self.run_dir
         log = MetricsLog(run_dir / "metrics.jsonl") if sub else self.log
         run_info = {"script": self.script, "task": task.name, "model": asdict(self.cfg.model),
@@ -78,3 +104,27 @@ class ScriptRun:
 
     def fit(self, model, task: TrainTask, sub: Optional[str] = None) -> FitResult:
         return self.trainer(model, task, sub).fit()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprints(args: argparse.Namespace, flags: Iterable[str]) -> dict:
+    """{DATA_KEY + flag: "sha256 <hex> of <path>"} for every existing file named by the flags (a flag
+    may hold a list of paths; None and `none` are skipped)."""
+    from training.cli import flag_for
+
+    out = {}
+    for name in flags:
+        value = getattr(args, name, None)
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        prints = [f"sha256 {file_sha256(p)} of {p}" for p in paths
+                  if p is not None and str(p) != "none" and Path(p).is_file()]
+        if prints:
+            out[DATA_KEY + flag_for(name)] = prints[0] if len(prints) == 1 else prints
+    return out

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.errors import UserError
+from common.errors import CheckpointError, UserError
 from common.params import count_parameters
 from training import checkpoint, efficient
 from training import distributed as dist
@@ -158,8 +158,7 @@ class Trainer:
     def _start_or_resume(self, state: FitState) -> None:
         task, last, best = self.task, self.run_dir / "last.pt", self.run_dir / "best.pt"
         efficient.reset_peak_memory(self.device)
-        if self.cfg.resume:
-            self._clean_leftovers(best, last)
+        self._clean_leftovers(best, last)
         if self.cfg.resume and last.is_file():
             self._restore(state, checkpoint.load(last))
             self.log.write("resume", task=task.name, epoch=state.epoch)
@@ -177,24 +176,20 @@ class Trainer:
         self._announce(state)
 
     def _clean_leftovers(self, best: Path, last: Path) -> None:
-        """Resuming: drop temporary files of interrupted writes; a best.pt without last.pt (a kill while
-        the first last.pt was written) cannot be resumed from, so the run starts over, which ends
-        exactly where an uninterrupted run would."""
-        for tmp in self.run_dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        if best.is_file() and not last.is_file() and dist.is_main():
-            best.unlink()
-            self.say(f"{self.run_dir} has no last.pt (interrupted while writing the first checkpoint): "
-                     f"starting the run from the beginning")
+        """Drop the temporary files of interrupted checkpoint writes.  Resuming, a best.pt without
+        last.pt (a kill while the first last.pt was written) cannot be resumed from, so the run
+        starts over, which ends exactly where an uninterrupted run would."""
+        if dist.is_main():
+            for tmp in self.run_dir.glob(".*.pt.*.tmp"):
+                tmp.unlink(missing_ok=True)
+            if self.cfg.resume and best.is_file() and not last.is_file():
+                best.unlink()
+                self.say(f"{self.run_dir} has no last.pt (interrupted while writing the first checkpoint): "
+                         f"starting the run from the beginning")
+        dist.barrier()  # no rank looks at the checkpoints before they are cleaned
 
     def _restore(self, state: FitState, ckpt: dict) -> None:
-        saved = ckpt.get("signature", {})
-        diff = {k: (saved.get(k), self.signature.get(k)) for k in set(saved) | set(self.signature)
-                if saved.get(k) != self.signature.get(k)}
-        if diff:
-            lines = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise UserError(f"--resume {self.resume_dir}: the run was started with other settings ({lines}); "
-                            f"resume with the same ones (only output paths, decoding and progress flags may change)")
+        checkpoint.check_signature(ckpt.get("signature", {}), self.signature, self.resume_dir)
         dist.load_full_state_dict(self.model, ckpt["model"], state.optimizer, ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["scheduler"])
         state.scaler.load_state_dict(ckpt["scaler"])
@@ -209,7 +204,23 @@ class Trainer:
             cb.load_state_dict(cb_state)
         best = self.run_dir / "best.pt"
         if best.is_file():
-            state.best_outputs = checkpoint.load(best).get("outputs", {})
+            self._restore_best(state, checkpoint.load(best), ckpt["epoch"], best)
+
+    def _restore_best(self, state: FitState, saved: dict, last_epoch: int, path: Path) -> None:
+        """The best epoch's outputs.  A best.pt newer than last.pt was written in the epoch that was
+        interrupted before its last.pt: it is that epoch's result, so it becomes the best so far (the
+        epoch is trained again and compared with it, as an uninterrupted run would have)."""
+        epoch = saved.get("epoch")
+        if epoch is not None and epoch > last_epoch:
+            state.best, state.best_epoch = saved["metrics"][self.task.metric], epoch
+            state.best_metrics = saved["metrics"]
+            self.say(f"{path} is from epoch {epoch}, interrupted before its last.pt was written; it is kept as the "
+                     f"best so far")
+        elif epoch != state.best_epoch:
+            raise CheckpointError(f"{path} holds epoch {epoch} but {path.parent / 'last.pt'} says the best epoch is "
+                                  f"{state.best_epoch}; the run directory was changed by hand: remove best.pt and "
+                                  f"last.pt to start over, or restore both")
+        state.best_outputs = saved.get("outputs", {})
 
     def _announce(self, state: FitState) -> None:
         cfg, task = self.cfg, self.task
