@@ -311,8 +311,11 @@ def resolve_device(device: str):
 
 
 def entry_point(main: Callable, field_flags: Optional[dict] = None) -> Callable:
-    """Wrap a script's `main(argv)` so that a UserError (and a ConfigError, rewritten with the flag
-    of its field) ends the process with one line on stderr and exit status 2, and a ^C with 130."""
+    """Wrap a script's `main(argv)` so that a UserError or a weights file that cannot be used (and a
+    ConfigError, rewritten with the flag of its field) ends the process with one line on stderr and
+    exit status 2, and a ^C with 130."""
+    from models.hf_io import WeightsFileError  # models/ cannot depend on common/: its own user error
+
     @functools.wraps(main)
     def run(argv=None):
         prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "script"
@@ -320,7 +323,7 @@ def entry_point(main: Callable, field_flags: Optional[dict] = None) -> Callable:
             return main(argv)
         except ConfigError as exc:
             print(f"{prog}: error: {usage_message(exc, field_flags)}", file=sys.stderr)
-        except UserError as exc:
+        except (UserError, WeightsFileError) as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
