@@ -63,6 +63,10 @@ def sort_params(optimizer: torch.optim.Optimizer, group: dict, preconditioned_ke
             raise RuntimeError(f"{name} does not support sparse gradients")
         state = optimizer.state[p]
         wanted = is_preconditioned(p, group)
+        if wanted and _is_sharded(p):
+            raise TypeError(
+                f"{name} preconditions whole matrices and cannot step sharded (FSDP / DTensor) parameters; "
+                "train without fsdp (DDP, which replicates the parameters, works)")
         if not state:
             (new if wanted else fallback).append(p)
             continue
@@ -75,6 +79,14 @@ def sort_params(optimizer: torch.optim.Optimizer, group: dict, preconditioned_ke
                 "precondition and max_precond_dim the run started with")
         (preconditioned if wanted else fallback).append(p)
     return fallback, new, preconditioned
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 def adam_fallback_step(optimizer: torch.optim.Optimizer, params: list, group: dict) -> None:

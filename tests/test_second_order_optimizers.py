@@ -323,3 +323,20 @@ def test_sparse_gradients_raise():
     for opt in (SOAP(embedding.parameters()), Shampoo(embedding.parameters())):
         with pytest.raises(RuntimeError, match="sparse"):
             opt.step()
+
+
+def test_sharded_parameters_are_refused():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
+        for opt in (SOAP([param]), Shampoo([param])):
+            with pytest.raises(TypeError, match="fsdp"):
+                opt.step()
+    finally:
+        dist.destroy_process_group()
