@@ -151,7 +151,9 @@ def _accumulate_factors(factors: list, grads: list, beta: float) -> None:
 
 
 def _eigenbasis(factor: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of a symmetric factor as columns, eigenvalues descending: (d, d) -> (d, d)."""
+    """Eigenvectors of a symmetric factor as columns, eigenvalues descending: (d, d) -> (d, d).
+    (The order is the authors' convention; it does not change the update, since Adam treats every
+    coordinate alike and V is permuted with Q at each refresh.)"""
     _, vectors = torch.linalg.eigh(factor.to(linalg_dtype(factor)))
     return vectors.flip(1).to(factor.dtype)
 
