@@ -93,9 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--warmup_steps", type=int, default=30)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--train_lines", type=int, default=20000, help="PTB train lines read (~21 words each)")
-    p.add_argument("--valid_lines", type=int, default=1000)
+    p.add_argument("--valid_lines", type=int, default=500)
     p.add_argument("--eval_every", type=int, default=25)
     p.add_argument("--target_loss", type=float, default=None,
                    help="valid loss to reach (default: what AdamW reaches at its last step)")
