@@ -31,7 +31,7 @@ from common.errors import ConfigError
 from evaluation.perplexity import perplexity
 from lm.corpus import FORMATS, join_documents, pack_blocks, read_documents, split_documents
 from models.gpt2 import GPT2LMHeadModel
-from models.losses import next_token_loss
+from models.losses import block_loss_sum
 from models.tokenizer import TOKENIZER_FILES, resolve_tokenizer_dir
 from training.build import autocast
 from training.cli import UsageError, add_common_args, entry_point
@@ -61,12 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not path.is_file():
             raise UsageError(f"--corpus {path}: no such file")
     return args
-
-
-def lm_loss_sum(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of full blocks (B, T) and the number of targets, B * (T - 1)."""
-    B, T = input_ids.shape
-    return next_token_loss(model(input_ids), input_ids, reduction="sum"), B * (T - 1)
 
 
 def build_blocks(args, run: ScriptRun, block_size: int) -> dict[str, torch.Tensor]:
@@ -107,12 +101,12 @@ def main(argv=None) -> dict:
         total, count = 0.0, 0
         for i in range(0, blocks["valid"].shape[0], eval_bs):
             with autocast(device, precision):
-                nll, n = lm_loss_sum(m, blocks["valid"][i:i + eval_bs].to(device))
+                nll, n = block_loss_sum(m, blocks["valid"][i:i + eval_bs].to(device))
             total, count = total + nll.item(), count + n
         return {"valid_loss": total / count, "valid_ppl": perplexity(total, count)}
 
     def loss_fn(m, batch) -> tuple[torch.Tensor, int]:
-        nll, n = lm_loss_sum(m, batch["input_ids"])
+        nll, n = block_loss_sum(m, batch["input_ids"])
         return nll / n, n
 
     task = TrainTask("pretrain", [block_size] * blocks["train"].shape[0],

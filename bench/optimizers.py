@@ -28,21 +28,20 @@ import torch
 from bench.common import machine_description, markdown_table, sync, write_results
 from lm.corpus import find_data_file, join_documents, pack_blocks
 from models.gpt2 import GPT2LMHeadModel
+from models.losses import block_loss_sum
 from models.tokenizer import load_tokenizer
-from optim import SOAP, Shampoo, count_preconditioned, param_groups
+from optim import SOAP, Shampoo, count_preconditioned
 from optimizer import AdamW
-from pretrain import lm_loss_sum
-from training.trainer import linear_schedule
+from training.optimizers import linear_schedule, param_groups
 
 OPTIMIZERS = ("adamw", "soap", "shampoo")
 DEFAULT_LRS = (3e-3, 1e-2, 3e-2)
 
-
 def build_optimizer(name: str, model, lr: float, args):
-    groups = param_groups(model, args.weight_decay, args.precondition_embeddings)
+    groups = param_groups(model, args.weight_decay, precondition_embeddings=args.precondition_embeddings)
     betas = tuple(args.betas)
     if name == "adamw":
-        return AdamW([{k: v for k, v in g.items() if k != "precondition"} for g in groups], lr=lr, betas=betas)
+        return AdamW(groups, lr=lr, betas=betas)
     common = dict(lr=lr, betas=betas, precondition_frequency=args.precondition_frequency,
                   max_precond_dim=args.max_precond_dim)
     if name == "soap":
@@ -76,7 +75,7 @@ def valid_loss(model, blocks: torch.Tensor, batch_size: int, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        loss, n = lm_loss_sum(model, blocks[i:i + batch_size].to(device))
+        loss, n = block_loss_sum(model, blocks[i:i + batch_size].to(device))
         total, count = total + loss.item(), count + n
     model.train()
     return total / count
@@ -164,7 +163,7 @@ def main(argv=None):
             run = runs[names[(step + k) % len(names)]]
             sync(device)
             t0 = time.perf_counter()
-            loss, n = lm_loss_sum(run["model"], ids)
+            loss, n = block_loss_sum(run["model"], ids)
             (loss / n).backward()
             sync(device)
             t1 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""What SOAP and Shampoo share: which tensors they precondition, the Adam fallback, parameter groups.
+"""What SOAP and Shampoo share: which tensors they precondition and the Adam fallback.
 
 The rule (one place, used by both optimizers): a parameter is preconditioned when
 
@@ -8,13 +8,12 @@ Every other parameter (biases, LayerNorm gains, tensors with a dimension above m
 as GPT-2's tied 50257 x D token embedding, tensors of 3 or more dims, and every tensor of a group
 with precondition=False) takes exactly the step of `optimizer.AdamW` with the group's lr, betas, eps,
 weight_decay and correct_bias: the same update functions run on it, so it is bit-identical to AdamW.
-`param_groups` puts a model's nn.Embedding weights in a group of their own with
-precondition=precondition_embeddings (default False: embeddings take Adam steps).
+The trainer's `training.optimizers.param_groups` puts a model's nn.Embedding weights in groups of
+their own with precondition=precondition_embeddings (default False: embeddings take Adam steps).
 """
 
 from collections import defaultdict
 import torch
-from torch import nn
 
 from optimizer import _check_hyperparameters, _foreach_update
 
@@ -116,25 +115,6 @@ def buckets(params: list, states: dict) -> dict:
 def linalg_dtype(t: torch.Tensor) -> torch.dtype:
     """eigh and qr have no half-precision kernels: bf16/fp16 factors are decomposed in fp32."""
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-
-
-def param_groups(model: nn.Module, weight_decay: float, precondition_embeddings: bool = False) -> list[dict]:
-    """Parameter groups for SOAP / Shampoo: weight decay only on tensors of >= 2 dims (as the trainer
-    does for AdamW), and the nn.Embedding weights in their own group with
-    precondition=precondition_embeddings. Tied weights (GPT-2's lm_head) appear once."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters")
-    embeddings = [p for p in trainable if id(p) in embedding_ids]
-    matrices = [p for p in trainable if id(p) not in embedding_ids and p.dim() >= 2]
-    vectors = [p for p in trainable if id(p) not in embedding_ids and p.dim() < 2]
-    groups = [
-        {"params": matrices, "weight_decay": weight_decay},
-        {"params": embeddings, "weight_decay": weight_decay, "precondition": precondition_embeddings},
-        {"params": vectors, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def count_preconditioned(optimizer: torch.optim.Optimizer) -> tuple[int, int]:

@@ -12,7 +12,8 @@ import pytest
 import pytorch_optimizer  # test-only dependency, pinned in requirements.txt
 import torch
 
-from optim import SOAP, Shampoo, count_preconditioned, param_groups
+from optim import SOAP, Shampoo, count_preconditioned
+from training.optimizers import param_groups
 from optimizer import AdamW
 
 SHAPES = [(6, 6), (4, 7), (8, 3)]  # square and both rectangles
@@ -206,7 +207,7 @@ def test_param_groups_gpt2_tied_embedding_falls_back():
     model = GPT2LMHeadModel.from_name_or_path("tiny")  # vocab 50257, width 64, 512 positions
     wte, wpe = model.gpt.word_embedding.weight, model.gpt.pos_embedding.weight
     for precondition_embeddings in (False, True):
-        opt = SOAP(param_groups(model, 0.1, precondition_embeddings), lr=1e-3)
+        opt = SOAP(param_groups(model, 0.1, precondition_embeddings=precondition_embeddings), lr=1e-3)
         groups = {id(p): g for g in opt.param_groups for p in g["params"]}
         assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
         assert groups[id(wte)]["precondition"] is precondition_embeddings
@@ -340,3 +341,31 @@ def test_sharded_parameters_are_refused():
                 opt.step()
     finally:
         dist.destroy_process_group()
+
+
+# ---- through the shared trainer: every script takes --optimizer soap|shampoo and resumes exactly ----
+@pytest.mark.parametrize("name", ["soap", "shampoo"])
+def test_classifier_trains_and_resumes_exactly_with_second_order_optimizers(tmp_path, tokenizer_dir, name):
+    import classifier
+    from cs224n_files import keyword_sentiment, write_sentiment
+
+    files = []
+    for split, n, test in (("train", 12, False), ("dev", 6, False), ("test", 4, True)):
+        path = write_sentiment(tmp_path / f"{split}.csv", keyword_sentiment(n, len(files)), test=test)
+        files += [f"--cfimdb_{split}", str(path)]
+    common = ["--model_size", "tiny", "--no_progress", "--batch_size", "4", "--tokenizer", str(tokenizer_dir),
+              "--datasets", "cfimdb", "--fine-tune-mode", "full-model", "--epochs", "2", "--lr", "3e-3",
+              "--optimizer", name, "--precondition_frequency", "2", *files]
+
+    def run(tag, *extra):
+        return classifier.main([*common, "--run_dir", str(tmp_path / tag), "--predictions_dir",
+                                str(tmp_path / f"{tag}-pred"), *extra])
+
+    full = run("a")
+    assert run("b", "--stop_after_epoch", "1") == {}
+    assert run("b", "--resume", str(tmp_path / "b")) == full
+    a = torch.load(tmp_path / "a" / "cfimdb" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "cfimdb" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # some matrices really were preconditioned (Kronecker factors in the saved optimiser state)
+    assert any("GG" in s for s in a["optimizer"]["state"].values())

@@ -103,8 +103,20 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     g.add_argument("--batch_size", type=int, default=batch_size, help="examples per micro-batch")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
-                   help="adamw: ours (optimizer.py, the default); sgd: torch's SGD with --momentum")
+                   help="adamw: ours (optimizer.py, the default); sgd: torch's SGD with --momentum; soap / shampoo: "
+                        "second-order (optim/, docs/optimizers.md)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--precondition_frequency", type=int, default=10,
+                   help="SOAP/Shampoo: optimiser steps between preconditioner updates")
+    g.add_argument("--max_precond_dim", type=int, default=10000,
+                   help="SOAP/Shampoo: matrices with a larger dimension take AdamW steps")
+    g.add_argument("--shampoo_beta", type=float, default=None,
+                   help="SOAP/Shampoo: EMA of the Kronecker factors (default: the second Adam beta; 1 = sums)")
+    g.add_argument("--precondition_embeddings", action="store_true",
+                   help="SOAP/Shampoo: precondition the embedding matrices too (default: AdamW steps for them)")
+    g.add_argument("--shampoo_grafting", choices=["adam", "none"], default="adam",
+                   help="Shampoo: step size grafted from Adam (default) or the raw preconditioned step")
+    g.add_argument("--matrix_eps", type=float, default=1e-6, help="Shampoo: damping before the inverse roots")
     g.add_argument("--weight_decay", type=float, default=0.0,
                    help="decoupled weight decay, applied only to trainable tensors with >= 2 dims")
     g.add_argument("--lr_schedule", choices=choices(ScheduleName), default="linear",

@@ -22,7 +22,7 @@ from typing import Literal, Optional, get_args
 from common.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
-OptimizerName = Literal["adamw", "sgd"]
+OptimizerName = Literal["adamw", "sgd", "soap", "shampoo"]
 ScheduleName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
 PeftMethod = Literal["none", "lora"]
 FreezeMode = Literal["none", "embeddings", "first-half", "first-n", "all-but-head"]
@@ -120,6 +120,12 @@ class TrainConfig:
     lr_schedule: ScheduleName = "linear"
     optimizer: OptimizerName = "adamw"
     momentum: float = 0.9  # SGD momentum
+    precondition_frequency: int = 10  # SOAP / Shampoo: steps between preconditioner (eigenbasis, root) updates
+    max_precond_dim: int = 10000  # SOAP / Shampoo: larger dimensions fall back to AdamW
+    shampoo_beta: Optional[float] = None  # SOAP / Shampoo: factor EMA (None: the second beta; 1: sums)
+    precondition_embeddings: bool = False  # SOAP / Shampoo: precondition nn.Embedding weights too
+    shampoo_grafting: Literal["adam", "none"] = "adam"  # Shampoo: step size grafted from Adam, or raw
+    matrix_eps: float = 1e-6  # Shampoo: damping of the factors before the inverse roots
     layer_lr_decay: float = 1.0  # learning rate x decay^(layers above): 1 = the same everywhere
     grad_accum: int = 1  # micro-batches per optimiser step
     max_grad_norm: float = 1.0  # <= 0: no clipping
@@ -142,6 +148,12 @@ class TrainConfig:
         check_number("weight_decay", self.weight_decay, low=0.0)
         check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
         check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_number("precondition_frequency", self.precondition_frequency, low=1, integer=True)
+        check_number("max_precond_dim", self.max_precond_dim, low=1, integer=True)
+        check_number("shampoo_beta", self.shampoo_beta, low=0.0, high=1.0, optional=True)
+        check_number("matrix_eps", self.matrix_eps, low=0.0, low_open=True)
+        if self.shampoo_grafting not in ("adam", "none"):
+            raise ConfigError("shampoo_grafting", f"{self.shampoo_grafting!r} is not one of adam, none")
         check_number("layer_lr_decay", self.layer_lr_decay, low=0.0, high=1.0, low_open=True)
         check_number("max_grad_norm", self.max_grad_norm)
         check_number("seed", self.seed, low=0, integer=True)
@@ -247,6 +259,9 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         self.efficiency.validate()
+        if self.train.fsdp and self.train.optimizer in ("soap", "shampoo"):
+            raise ConfigError("optimizer", f"{self.train.optimizer} preconditions whole matrices; a shard's Gram matrix "
+                              f"is not the matrix's factor, so it cannot run under fsdp: use DDP (drop --fsdp)")
         if self.train.fsdp and self.efficiency.peft != "none":
             raise ConfigError("fsdp", "FSDP with peft lora is not supported (adapter-only checkpoints are not gathered "
                               "across shards); LoRA models are small enough for DistributedDataParallel: drop fsdp")
