@@ -290,3 +290,20 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError) as exc:
         prepare_model(GPT2LMHeadModel(tiny()), EfficiencyConfig(peft="reft", reft_rank=33))
     assert exc.value.field == "reft_rank"
+
+
+def test_every_task_script_takes_the_reft_flags():
+    import classifier
+    import paraphrase_detection
+    import pretrain
+    import sonnet_generation
+    from common.errors import UserError
+    from training.cli import check_common_args
+
+    flags = ["--peft", "reft", "--reft_rank", "8", "--reft_layers", "0,1", "--reft_positions", "f2+l3"]
+    for module, extra in ((classifier, ["--fine-tune-mode", "full-model"]), (paraphrase_detection, []),
+                          (sonnet_generation, []), (pretrain, ["--corpus", __file__])):
+        cfg = check_common_args(module.parse_args([*flags, *extra])).efficiency
+        assert (cfg.peft, cfg.reft_rank, cfg.reft_layers, cfg.reft_positions) == ("reft", 8, "0,1", "f2+l3")
+        with pytest.raises(UserError, match="--reft_positions"):
+            check_common_args(module.parse_args(["--peft", "reft", "--reft_positions", "last4", *extra]))
