@@ -119,7 +119,7 @@ def test_positions_follow_each_rows_real_tokens_on_either_padding_side(spec, fir
             valid[b, :n] = True
             if side == "left":
                 valid[b] = valid[b].flip(0)
-        got = select_positions(valid, 4, 10, where, torch.device("cpu"))
+        got = select_positions(valid, 10, where, torch.device("cpu"))
         for b, n in enumerate(lengths):
             real = [t for t in range(10) if valid[b, t]]
             want = set(real) if every else set(real[:first]) | set(real[max(0, n - last):])
@@ -140,7 +140,7 @@ def test_hooked_forward_equals_explicit_reference(positions):
     apply_reft(model, rank=3, layers="0,2", positions=positions)
     perturb(model)
     ids, mask = right_padded()
-    sel = select_positions(mask.bool(), 3, 10, parse_positions(positions), ids.device)
+    sel = select_positions(mask.bool(), 10, parse_positions(positions), ids.device)
     ref = reference_encode(model, ids, mask, sel)
     torch.testing.assert_close(model.gpt(ids, mask)["last_hidden_state"], ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(model(ids, mask), model.gpt.hidden_state_to_token(ref), rtol=0, atol=1e-5)
@@ -194,7 +194,7 @@ def test_cached_generation_intervenes_the_prompt_at_prefill(positions):
     out = model.generate(ids, mask, max_new_tokens=6, do_sample=False)
     where = parse_positions(positions)
     P = ids.size(1)
-    prompt_sel = select_positions(mask.bool(), 3, P, where, ids.device)
+    prompt_sel = select_positions(mask.bool(), P, where, ids.device)
     seq, full_mask = ids, mask
     with torch.no_grad():
         for _ in range(6):

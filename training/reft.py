@@ -82,8 +82,7 @@ def resolve_layers(spec: str, num_layers: Optional[int]) -> list[int]:
         raise ValueError(str(exc).replace("sparse_layers", "reft_layers")) from None
 
 
-def select_positions(valid: Optional[torch.Tensor], batch: int, length: int, where: Positions,
-                     device: torch.device) -> torch.Tensor:
+def select_positions(valid: Optional[torch.Tensor], length: int, where: Positions, device: torch.device) -> torch.Tensor:
     """(B|1, T) bool: the positions to intervene.  `valid` (B, T) marks real tokens (None: all real);
     a token's rank among its row's real tokens decides first / last, whatever the padding side."""
     if valid is None:
@@ -196,7 +195,7 @@ class _Hooks:
         if continuation:  # tokens after a cached prompt: not prompt positions
             sel = torch.ones((1, T), dtype=torch.bool, device=h.device) if self.where.all else None
         else:
-            sel = select_positions(self.valid(B, T, cache_start), B, T, self.where, h.device)
+            sel = select_positions(self.valid(B, T, cache_start), T, self.where, h.device)
         if checkpointing:
             key = id(h)
             self.saved[key] = (weakref.ref(h, lambda _, k=key: self.saved.pop(k, None)), sel)
