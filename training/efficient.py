@@ -16,6 +16,9 @@ Layer freezing (`freeze_parameters`) is one mechanism for every mode, including 
 Nets with Sublinear Memory Cost") recomputes each transformer layer in the backward pass instead of
 storing its activations (`GPT2Model.gradient_checkpointing`).
 
+ReFT (`peft reft`: LoReFT interventions on hidden states, Wu et al., 2024) lives in training/reft.py
+and goes through the same `prepare_model`, `model_state` / `load_model_state` and accounting.
+
 Everything is reachable from the command line of every training script: the flags live in
 `training/cli.py`, become an `EfficiencyConfig` (training/config.py) and reach `prepare_model`
 through the shared `Trainer`.
