@@ -33,18 +33,24 @@ CONFIGS = {
     "lora r8 attn": ["--peft", "lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_targets", "attn", "--lr", "1e-3"],
     "reft r4 f1+l1 all": ["--peft", "reft", "--reft_rank", "4", "--reft_positions", "f1+l1", "--lr", "3e-3"],
     "reft r4 l4 all": ["--peft", "reft", "--reft_rank", "4", "--reft_positions", "l4", "--lr", "3e-3"],
+    "reft r4 f1+l1 all lr 3e-2": ["--peft", "reft", "--reft_rank", "4", "--reft_positions", "f1+l1", "--lr", "3e-2"],
+    "reft r8 all-positions lr 1e-2": ["--peft", "reft", "--reft_rank", "8", "--reft_positions", "all", "--lr", "1e-2"],
+    "lora r8 attn lr 1e-2": ["--peft", "lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_targets", "attn",
+                             "--lr", "1e-2"],
 }
+DEFAULT = ["full", "lora r8 attn", "reft r4 f1+l1 all", "reft r4 l4 all"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT)
     p.add_argument("--model_size", default="tiny")
     p.add_argument("--limit", type=int, default=800)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="reft", help="results file bench/results/NAME.json")
     p.add_argument("--train", type=Path, default=DATA / "quora" / "quora-train-small.csv")
     p.add_argument("--dev", type=Path, default=DATA / "cs224n" / "quora-dev.csv")
     return p.parse_args(argv)
@@ -106,7 +112,7 @@ def main(argv=None) -> None:
     table = markdown_table(["config", "trainable params", "trainable %", "best.pt MiB", "peak RSS GiB",
                             "train s / epoch", "time vs full", "dev accuracy", "dev F1", "load"], rows)
     print(f"\n{table}\n\ncommand: {runs[0]['command']}")
-    write_results("reft", {"machine": machine_description(torch.device("cpu")), "runs": runs, "table": table,
+    write_results(args.name, {"machine": machine_description(torch.device("cpu")), "runs": runs, "table": table,
                            "args": {k: str(v) for k, v in vars(args).items()}})
 
 
