@@ -307,3 +307,27 @@ def test_every_task_script_takes_the_reft_flags():
         assert (cfg.peft, cfg.reft_rank, cfg.reft_layers, cfg.reft_positions) == ("reft", 8, "0,1", "f2+l3")
         with pytest.raises(UserError, match="--reft_positions"):
             check_common_args(module.parse_args(["--peft", "reft", "--reft_positions", "last4", *extra]))
+
+
+def test_reft_learns_a_task_read_at_the_last_token():
+    """The interventions alone (base frozen) learn a label that the last token decides."""
+    from training.config import TrainConfig
+    from training.optimizers import build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0))
+    prepare_model(model, EfficiencyConfig(peft="reft", reft_rank=4, reft_positions="l1"))
+    opt = build_optimizer(model, TrainConfig(lr=1e-2), [])
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(100):
+        ids = torch.randint(0, 97, (32, 8), generator=g)
+        logits = F.linear(model.gpt(ids)["last_token"], model.lm_head_weight[[5, 7]])
+        loss = F.cross_entropy(logits, ids[:, -1] % 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[:10]) / 10 > 0.65 and sum(losses[-10:]) / 10 < 0.5
