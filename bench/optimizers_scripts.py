@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smooth", type=int, default=3, help="step records averaged into the smoothed loss")
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of each run")
     p.add_argument("--data", type=Path, default=DATA, help="the shared data directory (ptb/, cs224n/)")
+    p.add_argument("--name", default="optimizers-scripts", help="results file bench/results/NAME.json")
+    p.add_argument("--report", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only print the tables of earlier results files (several: one table over all their runs)")
     return p.parse_args(argv)
 
 
@@ -136,11 +139,22 @@ def to_target(run: dict, target: float) -> tuple:
     return None, None
 
 
+def loss_at(run: dict, fraction: float) -> float:
+    """The smoothed train loss at the first record at or after `fraction` of the run's steps."""
+    last = run["curve"][-1]["step"]
+    return next(p["loss"] for p in run["curve"] if p["step"] >= fraction * last)
+
+
 def report(suite: str, runs: list[dict], args) -> tuple[str, dict]:
-    adam_final = [r["final_loss"] for r in runs if r["optimizer"] == "adamw"]
-    target = statistics.median(adam_final)
+    """The table of `runs`; the target is the best AdamW rate's final loss (median over its repeats)."""
+    by_lr = {}
+    for r in runs:
+        if r["optimizer"] == "adamw":
+            by_lr.setdefault(r["lr"], []).append(r["final_loss"])
+    target = min(statistics.median(v) for v in by_lr.values())
     rows, summary = [], {"target": target}
-    adam = {r["repeat"]: to_target(r, target) for r in runs if r["optimizer"] == "adamw"}
+    best_lr = min(by_lr, key=lambda lr: statistics.median(by_lr[lr]))
+    adam = {r["repeat"]: to_target(r, target) for r in runs if r["optimizer"] == "adamw" and r["lr"] == best_lr}
     dev_key = "valid_loss" if suite == "pretrain" else "accuracy"
     for r in sorted(runs, key=lambda r: (OPTIMIZERS.index(r["optimizer"]), r["repeat"])):
         step, sec = to_target(r, target)
@@ -148,17 +162,24 @@ def report(suite: str, runs: list[dict], args) -> tuple[str, dict]:
         ratio = (lambda x, y: f"{x / y:.2f}" if x is not None and y else "-")
         rows.append([r["optimizer"], f"{r['lr']:g}", r["repeat"], step if step is not None else f"> {r['curve'][-1]['step']}",
                      f"{sec:.1f}" if sec is not None else "-", ratio(step, a_step), ratio(sec, a_sec),
-                     f"{r['final_loss']:.4f}", f"{r['dev'][dev_key]:.4f}", f"{r['step_ms']:.0f}",
-                     f"{r['load'][0]:.1f} / {r['load'][1]:.1f}"])
+                     *(f"{loss_at(r, q):.4f}" for q in (0.25, 0.5)), f"{r['final_loss']:.4f}",
+                     f"{r['dev'][dev_key]:.4f}", f"{r['step_ms']:.0f}", f"{r['load'][0]:.1f} / {r['load'][1]:.1f}"])
         summary.setdefault(r["optimizer"], []).append({"repeat": r["repeat"], "steps": step, "seconds": sec})
     head = ["optimizer", "lr", "repeat", "steps to target", "train s to target", "steps vs AdamW",
-            "time vs AdamW", "final smoothed train loss", f"dev {dev_key}", "step ms (median)", "load before / after"]
-    return f"target: smoothed train loss {target:.4f} (AdamW's final, median of repeats)\n\n" \
+            "time vs AdamW", "loss at 1/4", "loss at 1/2", "final smoothed train loss", f"dev {dev_key}", "step ms (median)", "load before / after"]
+    return f"target: smoothed train loss {target:.4f} (the final loss of AdamW at lr {best_lr:g}, median of " \
+           f"repeats; ratios against that run of the same repeat)\n\n" \
            + markdown_table(head, rows), summary
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.report:
+        saved = [json.loads(Path(p).read_text()) for p in args.report]
+        for suite in sorted({s for d in saved for s in d["suites"]}):
+            runs = [r for d in saved for r in d["suites"].get(suite, {}).get("runs", [])]
+            print(f"\n## {suite}\n\n{report(suite, runs, args)[0]}\n")
+        return
     lrs = {"pretrain": rates(args.lr), "classifier": rates(args.classifier_lr)}
     results = {"machine": machine_description(torch.device("cpu")), "args": {k: str(v) for k, v in vars(args).items()}, "suites": {}}
     for suite in args.suite:
@@ -174,7 +195,7 @@ def main(argv=None) -> None:
         table, summary = report(suite, runs, args)
         print(f"\n## {suite}\n\n{table}\n\ncommand: {runs[0]['command']}\n", flush=True)
         results["suites"][suite] = {"runs": runs, "table": table, "summary": summary}
-    write_results("optimizers-scripts", results)
+    write_results(args.name, results)
 
 
 if __name__ == "__main__":
