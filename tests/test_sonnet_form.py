@@ -92,7 +92,7 @@ def test_evaluate_rows_and_overall():
 def test_cli_prints_table(tmp_path, capsys):
     import evaluate_sonnets
 
-    generated = write_generated_sonnets(tmp_path / "gen.txt", [(0, PERFECT), (1, line_syllables and "a b c")])
+    generated = write_generated_sonnets(tmp_path / "gen.txt", [PERFECT, line_syllables and "a b c"])
     gold = tmp_path / "gold.txt"
     gold.write_text(f"Sonnets\n\n\n7\n\n{PERFECT}\n\n8\n\n{PERFECT}\n")
     result = evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold),
@@ -120,7 +120,7 @@ def test_cli_gold_perplexity(tmp_path, capsys, tiny_hf_checkpoint, tokenizer_dir
              "My mistress' eyes are nothing like the sun;\nCoral is far more red than her lips' red."]
     gold = tmp_path / "gold.txt"
     gold.write_text("Sonnets\n" + "".join(f"\n{i}\n\n{t}\n" for i, t in enumerate(short, start=1)))
-    generated = write_generated_sonnets(tmp_path / "gen.txt", [(1, short[1]), (2, short[0])])
+    generated = write_generated_sonnets(tmp_path / "gen.txt", [short[1], short[0]])
     result = evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold), "--model", str(directory),
                                     "--tokenizer", str(tokenizer_dir)])
     assert "gold ppl" in capsys.readouterr().out
