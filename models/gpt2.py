@@ -62,15 +62,23 @@ class GPT2PreTrainedModel(nn.Module):
 
     # ---- loading and saving ---------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: str = "gpt2", tokenizer_dir: Optional[str] = None, **config_overrides):
-        """Load a Hugging Face GPT-2 checkpoint: a hub name (`gpt2`, `gpt2-medium`, ...) or a
-        local directory with `config.json` and `model.safetensors` or `pytorch_model.bin`.
+    def from_pretrained(cls, model: str = "gpt2", d: Optional[int] = None, l: Optional[int] = None,
+                        num_heads: Optional[int] = None, **config_overrides):
+        """Load a Hugging Face GPT-2 checkpoint: a hub name (`gpt2`, `gpt2-medium`, ...; found in the
+        Hugging Face cache under either of its names, offline too) or a local directory with
+        `config.json` and `model.safetensors` or `pytorch_model.bin`.
 
-        `config_overrides` (e.g. dropout probabilities) replace values read from `config.json`.
+        Returns the model in eval mode, as transformers' and the CS224N starter's `from_pretrained`
+        do (no dropout until `.train()`).  `d`, `l`, `num_heads` are the starter's names for
+        hidden_size, num_hidden_layers and num_attention_heads: a pretrained model's shape comes from
+        its `config.json`, so they are only checked against it (a mismatch is a ValueError naming
+        both).  `config_overrides` (e.g. dropout probabilities) replace values read from `config.json`.
         """
         from models.hf_io import load_hf_checkpoint
 
-        return load_hf_checkpoint(cls, model, **config_overrides)
+        shape = {"hidden_size": d, "num_hidden_layers": l, "num_attention_heads": num_heads}
+        return load_hf_checkpoint(cls, model, expected={k: v for k, v in shape.items() if v is not None},
+                                  **config_overrides).eval()
 
     @classmethod
     def from_name_or_path(cls, spec: str, random_init: bool = False, **config_overrides):

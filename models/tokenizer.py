@@ -2,7 +2,9 @@
 
 Resolution order: an explicit directory (`--tokenizer DIR`), then the environment variable
 `GPT2_TOKENIZER_DIR`, then the model's checkpoint directory, then the hub's `gpt2` (through the
-Hugging Face cache).  A directory qualifies when it holds `vocab.json` and `merges.txt`.
+Hugging Face cache, where transformers and the CS224N starter keep it as `models--gpt2`; the
+`models--openai-community--gpt2` spelling is found too, offline with HF_HUB_OFFLINE=1).  A directory
+qualifies when it holds `vocab.json` and `merges.txt`.
 """
 from __future__ import annotations
 
@@ -39,11 +41,11 @@ def resolve_tokenizer_dir(explicit: Optional[str] = None, model_dir: Optional[st
 def _load(source: str):
     from transformers import GPT2TokenizerFast
 
-    from models.hf_io import HUB_ALIASES, hub_snapshot
+    from models.hf_io import hub_snapshot
 
-    try:
-        directory = source if Path(source).is_dir() else hub_snapshot(HUB_ALIASES.get(source, source),
-                                                                      list(TOKENIZER_FILES))
+    try:  # a hub name: the cache under either of its names (models--gpt2 or models--openai-community--gpt2)
+        directory = source if Path(source).is_dir() else hub_snapshot(
+            source, [*TOKENIZER_FILES, "tokenizer_config.json"], has=_has_tokenizer_files)
         tok = GPT2TokenizerFast.from_pretrained(str(directory))
     except Exception as exc:
         raise OSError(
