@@ -101,11 +101,15 @@ class GPT2PreTrainedModel(nn.Module):
             return cls(config)
         return cls.from_pretrained(spec, **config_overrides)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` that transformers' GPT2LMHeadModel loads."""
-        from models.hf_io import save_hf_checkpoint
+    def save_pretrained(self, directory: str | Path, tokenizer=None, generation: Optional[dict] = None) -> Path:
+        """Write a complete Hugging Face directory (config.json, model.safetensors, generation_config.json,
+        vocab.json, merges.txt, tokenizer_config.json) that transformers' AutoModelForCausalLM,
+        AutoTokenizer and pipeline load.  `tokenizer`: the run's tokenizer or its directory (default:
+        the usual resolution, see models/tokenizer.py); `generation`: decoding defaults for
+        generation_config.json (transformers' names).  See `models.hf_export.save_hf_checkpoint`."""
+        from models.hf_export import save_hf_checkpoint
 
-        return save_hf_checkpoint(self.backbone, directory)
+        return save_hf_checkpoint(self.backbone, directory, tokenizer, generation)
 
     # ---- KV cache --------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,

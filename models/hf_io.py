@@ -5,13 +5,13 @@ stores its projections as `Conv1D` with weights laid out (in, out); ours are `nn
 (out, in), so those are transposed, and HF's fused `c_attn` is split into our separate
 query/key/value projections.  Every key and every shape is checked; nothing is loaded by
 assigning `.data`, and no pickled code is ever executed (safetensors first, `.bin` only
-through `torch.load(weights_only=True)`).
+through `torch.load(weights_only=True)`).  Hub names are looked up in the Hugging Face cache
+under both of their spellings (`gpt2` and `openai-community/gpt2`).  Writing a complete export
+(weights, config, tokenizer, generation config): `models/hf_export.py`.
 """
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -270,26 +270,3 @@ def hf_state_dict(backbone: torch.nn.Module, prefix: str = "transformer.") -> di
     for hf_key, (our_keys, kind) in name_map(backbone.config.num_hidden_layers).items():
         out[prefix + hf_key] = ours_to_hf([ours[k].detach() for k in our_keys], kind).contiguous().cpu()
     return out
-
-
-def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors atomically (into a temp dir, then renamed)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(backbone.config.to_hf_dict(), indent=2) + "\n")
-        save_file(hf_state_dict(backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory

@@ -8,7 +8,9 @@ qualifies when it holds `vocab.json` and `merges.txt`.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -61,3 +63,24 @@ def load_tokenizer(explicit: Optional[str] = None, model_dir: Optional[str] = No
     """The GPT-2 tokenizer (a `transformers.GPT2TokenizerFast`, shared and cached: do not mutate
     it; pass `padding_side=` per call instead), with pad = EOS."""
     return _load(resolve_tokenizer_dir(explicit, model_dir))
+
+
+def write_tokenizer_files(directory: str | Path, tokenizer=None, model_max_length: int = 1024) -> list[str]:
+    """Make `directory` carry its tokenizer: `vocab.json` and `merges.txt` copied byte for byte, and a
+    `tokenizer_config.json` (GPT2Tokenizer, pad = EOS as everywhere here, the model's context as
+    `model_max_length`), so that transformers' AutoTokenizer and `pipeline`, and our own loader, read
+    the directory alone.  `tokenizer`: one from `load_tokenizer`, a directory, or None (the
+    resolution order of this module).  Returns the names written."""
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(str(tokenizer) if tokenizer else None)
+    source, directory = Path(tokenizer.name_or_path), Path(directory)
+    if not _has_tokenizer_files(source):
+        raise FileNotFoundError(f"tokenizer {tokenizer.name_or_path}: expected vocab.json and merges.txt in that "
+                                f"directory to copy them next to the weights")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, directory / name)
+    eos = tokenizer.eos_token
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": int(model_max_length), "add_prefix_space": False,
+              "bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return [*TOKENIZER_FILES, "tokenizer_config.json"]
