@@ -29,17 +29,17 @@ EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "v
                 "tokenizer_config.json", ADAPTER_DIR)
 
 
-def export_target_problem(directory: str | Path, nested: bool = False) -> Optional[str]:
+def export_target_problem(directory: str | Path) -> Optional[str]:
     """Why writing an export to `directory` would be unsafe (None if it is not): saving replaces the
-    directory, so it must be new, empty, or a previous export (only EXPORT_FILES inside; with
-    `nested`, also sub-directories that are previous exports, as a classifier run's DIR/sst)."""
+    directory, so it must be new, empty, or a previous export (only EXPORT_FILES inside, and
+    sub-directories that are previous exports themselves, as a classifier run's DIR/sst)."""
     directory = Path(directory)
     if not directory.exists():
         return None
     if not directory.is_dir():
         return f"{directory} is a file, not a directory"
     foreign = sorted(p.name for p in directory.iterdir() if p.name not in EXPORT_FILES
-                     and not (nested and p.is_dir() and export_target_problem(p) is None))
+                     and not (p.is_dir() and not p.is_symlink() and export_target_problem(p) is None))
     if foreign:
         return (f"{directory} already holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
                 f"writing an export there would delete; choose a new or empty directory (or a previous export)")

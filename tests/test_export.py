@@ -56,6 +56,9 @@ def test_save_pretrained_is_a_complete_transformers_directory(tmp_path, tokenize
     assert gen["eos_token_id"] == gen["bos_token_id"] == 50256
     _check_transformers_clients(tmp_path / "export", _ours_greedy(ours, tok))
     assert load_tokenizer(None, str(tmp_path / "export"))("yes").input_ids == [8505]  # our loader reads it too
+    ours.save_pretrained(tmp_path / "sampling", tokenizer=tok, generation={"do_sample": True, "top_p": 0.9})
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "sampling")
+    assert gen.do_sample and gen.top_p == 0.9 and gen.eos_token_id == 50256
 
 
 def test_export_never_replaces_a_foreign_directory(tmp_path, tokenizer_dir):

@@ -265,7 +265,7 @@ class RunConfig:
             return
         from models.hf_export import export_target_problem
 
-        problem = export_target_problem(self.export_hf, nested=True)
+        problem = export_target_problem(self.export_hf)
         if problem:
             raise ConfigError("export_hf", problem)
         if self.model.attention not in (None, "dense") and not self.export_allow_dense:
