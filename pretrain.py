@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,10 +31,8 @@ from evaluation.perplexity import perplexity
 from lm.corpus import FORMATS, join_documents, pack_blocks, read_documents, split_documents
 from models.gpt2 import GPT2LMHeadModel
 from models.losses import block_loss_sum
-from models.tokenizer import TOKENIZER_FILES, resolve_tokenizer_dir
 from training.build import autocast
 from training.cli import UsageError, add_common_args, entry_point
-from training.config import ModelConfig
 from training.runner import ScriptRun
 from training.task import TrainTask
 
@@ -80,15 +77,6 @@ def build_blocks(args, run: ScriptRun, block_size: int) -> dict[str, torch.Tenso
     return blocks
 
 
-def copy_tokenizer_files(cfg: ModelConfig, model_dir: Path) -> None:
-    """vocab.json + merges.txt next to the weights, so the saved directory is self-contained
-    (`models.tokenizer` looks in the model directory when no tokenizer is given)."""
-    source = resolve_tokenizer_dir(cfg.tokenizer, None if cfg.random_init else cfg.spec)
-    if Path(source).is_dir():
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(Path(source) / name, Path(model_dir) / name)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = ScriptRun.start("pretrain", args, data=("corpus",))
@@ -117,8 +105,7 @@ def main(argv=None) -> dict:
         print_epochs(run)
         run.say(f"stopped early; continue with --resume {run.run_dir}")
         return {"run_dir": run.run_dir, "interrupted": True}
-    model_dir = model.save_pretrained(run.run_dir / "model")  # before anything else can fail
-    copy_tokenizer_files(run.cfg.model, model_dir)
+    model_dir = model.save_pretrained(run.run_dir / "model", tokenizer=run.tokenizer)  # before anything else can fail
     epochs = print_epochs(run)
     run.say(f"best epoch {result.best_epoch}: valid ppl {result.best_metrics['valid_ppl']:.2f}; "
             f"saved {model_dir} (start a task script from it with --init_checkpoint {model_dir})")

@@ -77,7 +77,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False, cache_start: Optional[int] = None) -> torch.Tensor:
-        """x: (B, T, D); attn_mask: boolean (B or 1, 1, T, S), True = may attend. Returns (B, T, D)."""
+        """x: (B, T, D); attn_mask: boolean (B or 1, 1, T, S), True = may attend. Returns (B, T, D).
+        A padding-only mask (the starter's additive (B, 1, 1, S) float mask) is made causal here."""
+        attn_mask = as_causal_mask(attn_mask, x.size(1))
         B, T, D = x.shape
         q = self.split_heads(self.query(x))
         k = self.split_heads(self.key(x))
@@ -158,3 +160,43 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], num_queries: in
     q_idx = torch.arange(T, device=device, dtype=torch.int32)[None, None, :, None]
     kv_idx = torch.arange(S, device=device, dtype=torch.int32)[None, None, None, :]
     return mask_mod(b, 0, q_idx, kv_idx).expand(B, 1, T, S), False  # (B|1, 1, T, S)
+
+
+ADDITIVE_MASKED = -1e3  # an additive mask entry at or below this excludes the key (the starter uses -10000)
+
+
+def as_causal_mask(attn_mask, num_queries: int):
+    """The mask a layer was given, as one `attend` obeys without losing causality.
+
+    Our own masks (None, a boolean (B|1, 1, T, S) mask from `build_attention_mask`, a BlockMask)
+    pass unchanged.  A PADDING-ONLY mask of shape (B, 1, 1, S) with T > 1 queries would let every
+    query see every later token, so it is turned into the causal + padding mask of those keys:
+    boolean (True = real token), or the CS224N starter's additive float mask
+    (`get_extended_attention_mask`: 0 for real tokens, -10000 for padding; any value <= -1e3 counts
+    as masked).  Anything else is refused: a full additive (B, 1, T, S) float mask (we cannot tell
+    whether it is causal), other values, other dtypes or shapes.
+    """
+    if attn_mask is None or not torch.is_tensor(attn_mask):
+        return attn_mask  # None or a FlexAttention BlockMask
+    floating = attn_mask.is_floating_point()
+    if attn_mask.dtype != torch.bool and not floating:
+        raise TypeError(f"attention mask of dtype {attn_mask.dtype}: pass a boolean mask (True = may attend) or "
+                        f"the starter's additive float mask (0 = attend, -10000 = padding)")
+    if attn_mask.dim() != 4 or attn_mask.size(1) != 1 or attn_mask.size(2) not in (1, num_queries):
+        raise ValueError(f"attention mask of shape {tuple(attn_mask.shape)}: expected (B, 1, 1, S) (padding) or "
+                         f"(B, 1, {num_queries}, S) (boolean, per query)")
+    if floating:
+        keep, masked = attn_mask == 0, attn_mask <= ADDITIVE_MASKED
+        if not bool((keep | masked).all()):
+            raise ValueError("additive attention mask with values other than 0 (attend) and large negatives "
+                             "(masked, <= -1e3): a soft bias is not supported; pass a boolean mask")
+        if attn_mask.size(2) != 1:
+            raise ValueError(f"additive attention mask of shape {tuple(attn_mask.shape)}: a per-query float mask "
+                             f"may not be causal; pass a boolean mask, or the (B, 1, 1, S) padding mask")
+        attn_mask = keep
+    if attn_mask.size(2) == 1 and num_queries > 1:  # padding only: add causality
+        S = attn_mask.size(-1)
+        if S < num_queries:
+            raise ValueError(f"padding mask over {S} keys for {num_queries} queries: it must cover every key")
+        attn_mask, _ = build_attention_mask(attn_mask[:, 0, 0, :], num_queries, S - num_queries, attn_mask.device)
+    return attn_mask

@@ -46,3 +46,7 @@ def tiny_hf_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-hf")
     hf.save_pretrained(directory)
     return directory, hf
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds (real-size GPT-2 on the CPU); `-m 'not slow'` skips")

@@ -10,7 +10,7 @@ line naming it, with exit status 2 and no traceback.
                        (training scripts: + --hidden_dropout / --attention_dropout and sparse attention)
     add_device_args    --device {auto,cpu,cuda,cuda:N}, --use_gpu (the starter's spelling of --device cuda)
     add_common_args    everything a training script shares (model, device, optimisation, run,
-                       LoRA / freezing, speed, sparse attention)
+                       LoRA / freezing, speed, sparse attention, --export_hf)
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ FIELD_FLAGS = {
 }
 # Flags that may differ between a run and its resumption: they do not change what is trained.
 RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress", "compile", "peak_flops", "merge_lora",
-               "device", "use_gpu"}
+               "device", "use_gpu", "export_hf", "export_allow_dense"}
 
 
 def flag_for(field: str, extra: Optional[dict] = None) -> str:
@@ -181,6 +181,21 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
                         "no MFU is reported unless this is given)")
 
 
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """--export_hf: the trained model for transformers' real clients (training/runner.py ScriptRun.export)."""
+    g = parser.add_argument_group("export")
+    g.add_argument("--export_hf", type=str, default=None, metavar="DIR",
+                   help="after training, write the trained model to DIR as a complete Hugging Face directory "
+                        "(config.json, model.safetensors, generation_config.json, vocab.json, merges.txt, "
+                        "tokenizer_config.json) that transformers' AutoModelForCausalLM, AutoTokenizer and pipeline "
+                        "load; LoRA is merged into the weights and the adapter is also saved in peft's format in "
+                        "DIR/lora_adapter; classifier.py writes DIR/sst and DIR/cfimdb (the GPT-2 backbone: the "
+                        "classifier head stays in the run's best.pt). DIR must be new, empty or a previous export")
+    g.add_argument("--export_allow_dense", action="store_true",
+                   help="with --export_hf, export a sparse-attention model anyway: config.json records the pattern "
+                        "(our loader restores it) but transformers runs every layer dense, so its outputs differ")
+
+
 def add_decoding_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
     """The decoding strategy and its settings (-> GenerationConfig -> `generate()` arguments)."""
     g = parser.add_argument_group("decoding (arguments of model.generate)")
@@ -213,6 +228,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_
     add_device_args(parser)
     add_efficiency_args(parser)
     add_speed_args(parser)
+    add_export_args(parser)
     return parser
 
 
@@ -246,7 +262,8 @@ def build_configs(args: argparse.Namespace, resume_free: Iterable[str] = ()) -> 
                   resume=bool(getattr(args, "resume", None))) if hasattr(args, "epochs") else TrainConfig()
     cfg = RunConfig(model=_fill(ModelConfig, args), train=train, efficiency=_fill(EfficiencyConfig, args),
                     device=device, run_dir=getattr(args, "resume", None) or getattr(args, "run_dir", None),
-                    signature=signature(args, resume_free))
+                    signature=signature(args, resume_free), export_hf=getattr(args, "export_hf", None),
+                    export_allow_dense=getattr(args, "export_allow_dense", False))
     cfg.validate()
     check_device(device)
     if cfg.train.fsdp and env_world_size() < 2:

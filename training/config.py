@@ -254,6 +254,8 @@ class RunConfig:
     run_dir: Optional[str] = None
     # The settings a resumed run must share with the run it continues ({flag: value}); made by the CLI.
     signature: dict = field(default_factory=dict)
+    export_hf: Optional[str] = None  # after training: the model as a complete Hugging Face directory
+    export_allow_dense: bool = False  # export a sparse-attention model although transformers runs it dense
 
     def validate(self) -> "RunConfig":
         self.model.validate()
@@ -262,10 +264,29 @@ class RunConfig:
         if self.train.fsdp and self.train.optimizer in ("soap", "shampoo"):
             raise ConfigError("optimizer", f"{self.train.optimizer} preconditions whole matrices; a shard's Gram matrix "
                               f"is not the matrix's factor, so it cannot run under fsdp: use DDP (drop --fsdp)")
+        self.validate_export()
         if self.train.fsdp and self.efficiency.peft != "none":
             raise ConfigError("fsdp", "FSDP with peft lora is not supported (adapter-only checkpoints are not gathered "
                               "across shards); LoRA models are small enough for DistributedDataParallel: drop fsdp")
         return self
+
+    def validate_export(self) -> None:
+        """Before any work: the export directory is safe to (re)place, and a sparse pattern asked for by
+        the flags is not exported to transformers (which would run it dense) unless allowed.  A pattern
+        that comes from a checkpoint's config.json is checked once the model is built (ScriptRun.build)."""
+        if self.export_hf is None:
+            if self.export_allow_dense:
+                raise ConfigError("export_allow_dense", "goes with export_hf (it allows exporting a sparse model)")
+            return
+        from models.hf_export import export_target_problem
+
+        problem = export_target_problem(self.export_hf)
+        if problem:
+            raise ConfigError("export_hf", problem)
+        if self.model.attention not in (None, "dense") and not self.export_allow_dense:
+            raise ConfigError("export_hf", f"the model will use {self.model.attention} attention, which transformers "
+                              f"does not have: the exported model would run dense there. Set export_allow_dense "
+                              f"to export it anyway (config.json records the pattern; our loader restores it)")
 
     def to_dict(self) -> dict:
         return asdict(self)
