@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from config import GPT2Config
 from models.gpt2 import GPT2LMHeadModel, GPT2Model
 from modules.attention import attend, build_attention_mask
-from modules.attention_patterns import (PATTERNS, add_attention_args, attention_overrides, layer_patterns,
-                                        parse_sparse_layers, pattern_allows, use_flex)
+from modules.attention_patterns import (PATTERNS, add_attention_args, attention_overrides, choose_path,
+                                        layer_patterns, parse_sparse_layers, pattern_allows)
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -81,7 +81,7 @@ def test_dense_pattern_equals_is_causal_sdpa():
     for pattern in ("local", "hybrid"):
         m = build_attention_mask(None, T, 0, CPU, pattern=pattern, window=T)[0]
         torch.testing.assert_close(attend(q, k, v, m), ref, atol=1e-6, rtol=1e-5)
-    block = build_attention_mask(None, T, 0, CPU, pattern="dense", block_sparse=True)[0]
+    block = build_attention_mask(None, T, 0, CPU, pattern="dense", path="flex")[0]
     torch.testing.assert_close(attend(q, k, v, block), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -115,7 +115,7 @@ def test_block_mask_covers_exactly_the_pattern(pattern, case):
     elif case == "cached":  # 300 queries after 400 cached slots
         start, T = 400, 300
     S = start + T
-    bm = build_attention_mask(attention_mask, T, start, CPU, pattern=pattern, window=window, block_sparse=True)[0]
+    bm = build_attention_mask(attention_mask, T, start, CPU, pattern=pattern, window=window, path="flex")[0]
     dense = build_attention_mask(attention_mask, T, start, CPU, pattern=pattern, window=window)[0]
     if dense is None:  # dense, no padding: plain causality
         dense = torch.ones(S, S, dtype=torch.bool).tril()[start:][None, None]
@@ -150,7 +150,7 @@ def test_block_mask_covers_exactly_the_pattern(pattern, case):
 
 def test_logsparse_block_mask_is_sparse_at_long_context():
     T = 4096
-    bm = build_attention_mask(None, T, 0, CPU, pattern="logsparse", block_sparse=True)[0]
+    bm = build_attention_mask(None, T, 0, CPU, pattern="logsparse", path="flex")[0]
     visited = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
     n = T // 128
     # Dense causal visits n(n+1)/2 = 528 blocks; LogSparse the own block, the one before, and one
@@ -192,7 +192,7 @@ def _model(pattern, backend="sdpa", layers="all", window=4, seed=0):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "sparse"])
 def test_padding_left_and_right_equal_unpadded(pattern, backend):
     model = _model(pattern, backend, layers="odd" if pattern == "hybrid" else "all")
     ids = torch.randint(0, 1000, (1, 21))
@@ -237,8 +237,8 @@ def _uncached_greedy(model, ids, attention_mask, steps):
     return out
 
 
-CACHE_CASES = [(p, b, padded) for p in PATTERNS for b in ("sdpa", "flex") for padded in (False, True)
-               if not (p == "dense" and b == "flex")]  # dense layers never take the flex path
+CACHE_CASES = [(p, b, padded) for p in PATTERNS for b in ("sdpa", "flex", "sparse") for padded in (False, True)
+               if not (p == "dense" and b != "sdpa")]  # dense layers always take the sdpa path
 
 
 @pytest.mark.parametrize("pattern,backend,padded", CACHE_CASES)
@@ -278,19 +278,34 @@ def test_sparse_layers_parsing_and_validation():
 
 def test_backend_choice():
     cuda, cpu = torch.device("cuda"), CPU
-    assert use_flex("auto", cuda, dropout_active=False, cached=False)
-    assert not use_flex("auto", cuda, dropout_active=True, cached=False)
-    assert not use_flex("auto", cuda, dropout_active=False, cached=True)
-    assert not use_flex("auto", cpu, dropout_active=False, cached=False)
-    assert not use_flex("sdpa", cuda, dropout_active=False, cached=False)
-    assert use_flex("flex", cpu, dropout_active=False, cached=True)
-    with pytest.raises(ValueError, match="--attention_backend flex: FlexAttention has no attention dropout"):
-        use_flex("flex", cpu, dropout_active=True, cached=False)
+
+    def path(backend, device, T=4096, pattern="logsparse", dropout=False, cached=False, window=64):
+        return choose_path(backend, pattern, device, T, T, window, 0, dropout_active=dropout, cached=cached)
+
+    # auto: FlexAttention on CUDA without dropout; the sparse path when training with dropout or
+    # on CPU; dense SDPA where sparsity does not pay (short sequences, a window as wide as the
+    # sequence, one-token decoding).
+    assert path("auto", cuda) == "flex"
+    assert path("auto", cuda, dropout=True) == "sparse"
+    assert path("auto", cuda, cached=True) == "sparse"
+    assert path("auto", cpu) == path("auto", cpu, dropout=True) == "sparse"
+    assert path("auto", cpu, T=64) == path("auto", cuda, T=64) == "sdpa"
+    assert path("auto", cpu, pattern="local", window=4096) == "sdpa"
+    assert path("auto", cpu, T=1, cached=True) == "sdpa"
+    assert path("auto", cpu, pattern="dense") == path("sparse", cpu, pattern="dense") == "sdpa"
+    # Forced paths, whatever the length.
+    assert path("sdpa", cuda) == "sdpa"
+    assert path("flex", cpu, T=8, cached=True) == "flex"
+    assert path("sparse", cuda, T=8) == path("sparse", cpu, T=1, cached=True, dropout=True) == "sparse"
+    with pytest.raises(ValueError, match="attention_backend flex.*FlexAttention has no attention dropout"):
+        path("flex", cpu, dropout=True)
+    with pytest.raises(ValueError, match="attention_backend.*'xla'"):
+        path("xla", cpu)
     q, k, v = _qkv(T=16, requires_grad=True)
-    bm = build_attention_mask(None, 16, 0, CPU, pattern="local", window=4, block_sparse=True)[0]
+    bm = build_attention_mask(None, 16, 0, CPU, pattern="local", window=4, path="flex")[0]
     with pytest.raises(NotImplementedError, match="no backward on CPU"):
         attend(q, k, v, bm)
-    # Training with dropout on "auto" stays on SDPA (FlexAttention has no dropout) and runs.
+    # Training with dropout on "auto" runs (the sparse path at long T, SDPA at short T).
     model = GPT2LMHeadModel(GPT2Config.from_name("tiny", vocab_size=1000, attention="logsparse")).train()
     model(torch.randint(0, 1000, (1, 9))).sum().backward()
 
