@@ -211,13 +211,16 @@ def layer_patterns(config) -> list[str]:
     return [config.attention if i in sparse else "dense" for i in range(config.num_hidden_layers)]
 
 
-# When `auto` takes the sparse path: the keys it computes per query (`estimated_keys_per_query`)
-# must be at most this fraction of the keys dense attention computes, and the sequence at least
-# this long (its fixed costs: the layout, a Python loop over chunks).  CPU: measured with
-# `python -m bench.attention` (docs/sparse_attention.md); CUDA: not measured (no GPU was lent),
-# a conservative guess.
-SPARSE_AUTO = {"cpu": dict(max_key_fraction=0.5, min_keys=256),
-               "cuda": dict(max_key_fraction=0.25, min_keys=1024)}
+# When `auto` takes a sparse path, per (device, attention dropout active): the sequence must hold
+# at least `min_keys` keys (the path's fixed costs: building the layout, a Python loop over chunks)
+# and the path must compute at most `max_key_share` of them per query (`estimated_keys_per_query`).
+# With dropout, dense SDPA runs its O(T^2) math kernel and sparsity pays early; without, it runs
+# a fused kernel and pays later.  CPU: the crossovers measured by `python -m bench.attention`
+# (docs/sparse_attention.md).  CUDA: NOT measured (no GPU was lent), conservative guesses.
+SPARSE_AUTO = {("cpu", True): dict(min_keys=512, max_key_share=0.5),
+               ("cpu", False): dict(min_keys=2048, max_key_share=0.25),
+               ("cuda", True): dict(min_keys=4096, max_key_share=0.1),
+               ("cuda", False): dict(min_keys=1024, max_key_share=0.25)}
 
 
 def choose_path(backend: str, pattern: str, device: torch.device, num_queries: int, num_keys: int,
@@ -247,9 +250,9 @@ def choose_path(backend: str, pattern: str, device: torch.device, num_queries: i
                          f"choose one of {', '.join(BACKENDS)}")
     if num_queries == 1:
         return "sdpa"
-    rule = SPARSE_AUTO["cuda" if device.type == "cuda" else "cpu"]
+    rule = SPARSE_AUTO["cuda" if device.type == "cuda" else "cpu", dropout_active]
     keys = estimated_keys_per_query(pattern, window, global_tokens, num_keys)
-    pays = num_keys >= rule["min_keys"] and keys <= rule["max_key_fraction"] * num_keys
+    pays = num_keys >= rule["min_keys"] and keys <= rule["max_key_share"] * num_keys
     if not pays:
         return "sdpa"
     return "flex" if device.type == "cuda" and not dropout_active and not cached else "sparse"
