@@ -251,7 +251,9 @@ def main(argv=None) -> None:
             for r in rows:
                 if (r["mode"], r["T"]) == (mode, T):
                     r["peak_vs_dense"] = r["peak_mb"] / dense_peak if dense_peak > 0 else float("nan")
-    crossover = {f"{mode}/{pattern}": crossover_length(rows, mode, pattern) for mode in args.modes for pattern in args.patterns}
+    crossover = {f"{mode}/{pattern}": [crossover_length(rows, mode, pattern, against)
+                                       for against in ("dense", "sdpa")]
+                 for mode in args.modes for pattern in args.patterns}
     utilities = [utility(p, args) for p in ("dense", *args.patterns)] if args.utility_epochs > 0 else []
     meta = dict(device=args.device, machine=machine_description(device), cpus=os.cpu_count(),
                 load=os.getloadavg() if cpu else None, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
@@ -262,13 +264,18 @@ def main(argv=None) -> None:
     print(f"\nwrote {out}")
 
 
-def crossover_length(rows: list[dict], mode: str, pattern: str):
-    """Shortest measured T from which the sparse path beats dense at every longer T (None: never)."""
-    pts = sorted((r["T"], r["ratio_vs_dense"]) for r in rows
-                 if (r["mode"], r["pattern"], r["path"], r["block_size"]) == (mode, pattern, "sparse", None))
+def crossover_length(rows: list[dict], mode: str, pattern: str, against: str = "dense"):
+    """Shortest measured T from which the sparse path is faster than `against` -- dense causal
+    attention, or the pattern's own masked SDPA path (what `auto` chooses between) -- at every
+    longer T where both ran (None: never)."""
+    def ratios(path):
+        return {r["T"]: r["ratio_vs_dense"] for r in rows
+                if (r["mode"], r["pattern"], r["path"], r["block_size"]) == (mode, pattern, path, None)}
+    sparse = ratios("sparse")
+    other = {T: 1.0 for T in sparse} if against == "dense" else ratios(against)
     best = None
-    for T, ratio in reversed(pts):
-        if ratio >= 1:
+    for T in sorted(set(sparse) & set(other), reverse=True):
+        if sparse[T] >= other[T]:
             break
         best = T
     return best
@@ -291,9 +298,9 @@ def report(rows, crossover, utilities, meta, args) -> str:
         parts += ["", f"{mode} ({'forward + backward' if mode == 'train' else 'forward, no grad'}):", "",
                   markdown_table(["T", "pattern", "path", "auto picks", "ms", "time / dense", "CPU time / dense",
                                   "peak MB", "peak / dense", "keys / query"], table)]
-    parts += ["", "crossover (sparse path faster than dense from T = ..., at every longer T measured):", "",
-              markdown_table(["mode", "pattern", "crossover T"],
-                             [[*k.split("/"), "never" if v is None else v] for k, v in crossover.items()])]
+    parts += ["", "crossover: the sparse path is faster from T = ... at every longer T measured:", "",
+              markdown_table(["mode", "pattern", "than dense", "than the masked sdpa path"],
+                             [[*k.split("/"), *["never" if x is None else x for x in v]] for k, v in crossover.items()])]
     if utilities:
         longest = max(args.lengths)
         at = [T for T in (4096, longest) if T in args.lengths]

@@ -214,11 +214,12 @@ def layer_patterns(config) -> list[str]:
 # When `auto` takes a sparse path, per (device, attention dropout active): the sequence must hold
 # at least `min_keys` keys (the path's fixed costs: building the layout, a Python loop over chunks)
 # and the path must compute at most `max_key_share` of them per query (`estimated_keys_per_query`).
-# With dropout, dense SDPA runs its O(T^2) math kernel and sparsity pays early; without, it runs
-# a fused kernel and pays later.  CPU: the crossovers measured by `python -m bench.attention`
-# (docs/sparse_attention.md).  CUDA: NOT measured (no GPU was lent), conservative guesses.
+# With dropout, SDPA runs its O(T^2) math kernel and sparsity pays early; without, it runs a fused
+# kernel and pays later.  CPU: from `python -m bench.attention` (docs/sparse_attention.md), the
+# lengths from which the sparse path beat the masked SDPA path for every pattern (train 512,
+# eval 1024).  CUDA: NOT measured (no GPU was lent), conservative guesses.
 SPARSE_AUTO = {("cpu", True): dict(min_keys=512, max_key_share=0.5),
-               ("cpu", False): dict(min_keys=2048, max_key_share=0.25),
+               ("cpu", False): dict(min_keys=1024, max_key_share=0.25),
                ("cuda", True): dict(min_keys=4096, max_key_share=0.1),
                ("cuda", False): dict(min_keys=1024, max_key_share=0.25)}
 

@@ -1,27 +1,31 @@
-"""The sparse execution path of sparse attention patterns: gathered key blocks, work ~ T x K.
+"""The sparse execution path of sparse attention patterns: gathered keys, work ~ T x K.
 
 The masked dense path (`modules/attention.py`, SDPA with a boolean mask) computes every
-(query, key) pair and throws most away.  This path computes only blocks that hold allowed pairs,
-in plain PyTorch ops, so it runs forward and backward (autograd) on CPU and CUDA, with attention
-dropout:
+(query, key) pair and throws most away.  This path computes only the keys a pattern allows
+(plus the rest of their blocks), in plain PyTorch ops, forward and backward, on CPU and CUDA,
+with attention dropout.  Two kinds of keys:
 
-* queries are cut into blocks of C consecutive slots; keys into blocks of C slots;
-* for each query block, the key blocks holding a key some query of the block may see are listed,
-  from the pattern's key ranges (`pattern_key_ranges`: O(T x ranges), never O(T x S)); NB is the
-  longest list, shorter lists are padded with masked blocks, L = NB x C keys per query block;
-* per layer: gather the listed key and value blocks, (B, nh, T/C, L, hs); scores of each query
-  block against its L keys; the in-block mask is the reference `mask_mod`
-  (`modules.attention_patterns.attention_mask_mod`) evaluated on exactly these pairs, so the
-  softmax runs over the very keys of the masked dense reference; attention dropout on the
-  attended probabilities; weighted sum of the gathered values.
+* blocks, for contiguous key ranges (the local window, a query's own neighbourhood, global
+  tokens): queries are cut into blocks of C consecutive slots, keys into blocks of C slots, and
+  each query block lists the key blocks holding a key one of its queries may see -- from the
+  pattern's key ranges (`pattern_key_ranges`: O(T x ranges), never O(T x S)).  NB = the longest
+  list (shorter ones padded with masked blocks), L = NB x C keys per query block.  For a local
+  window this is Longformer's sliding-chunk attention (Beltagy et al., 2020): the own block and
+  the ceil((W - 1) / C) before it, L ~ W + C;
+* points, for isolated keys: the LogSparse keys (Li et al., 2019) a power of two >= C behind
+  the query, one per power, P ~ log2(T / C) per query, gathered query by query (a block per
+  power would compute C times more scores than needed).
 
-For a local window this is Longformer's sliding-chunk attention (Beltagy et al., 2020): a
-query block sees its own and the previous ceil(W / C) key blocks, L ~ W + C.  For LogSparse
-(Li et al., 2019) the blocks are the own one, the one before and one per power of two >= C
-behind, L ~ C (2 + log2(T / C)); hybrid and global tokens (Longformer) add theirs.  The
-layout (`SparseLayout`) is built once per forward from the padding mask and shared by every
-layer, like the boolean mask of the dense path; it works for any padding, the KV cache (queries
-after `cache_start` cached slots) and one-token decoding (C = 1: exactly the allowed keys).
+Each query's softmax runs over its L + P scores; the mask on them is the reference `mask_mod`
+(`modules.attention_patterns.attention_mask_mod`) evaluated on exactly these pairs (and a
+point that also lies in a gathered block is masked once), so the softmax runs over the very
+keys of the masked dense reference.  A custom autograd Function processes chunks of query
+blocks, FlashAttention-style (Dao et al., 2022): the forward keeps the output, each row's
+log-sum-exp and the dropout keep-mask; the backward recomputes the scores.
+
+The layout (`SparseLayout`) is built once per forward from the padding mask and shared by every
+layer, like the boolean mask of the dense path; it works for any padding (left, right, holes),
+the KV cache (queries after `cache_start` cached slots) and one-token decoding (C = 1).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.attention_patterns import DEFAULT_BLOCK_SIZE, attention_mask_mod, pattern_key_ranges
+
 
 @dataclass
 class SparseLayout:
@@ -160,9 +165,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
 
 class _GatheredAttention(torch.autograd.Function):
-    """Forward and backward over chunks of query blocks, FlashAttention-style (Dao et al., 2022):
-    the forward keeps the output, the log-sum-exp of every row and the dropout keep-mask; the
-    backward recomputes each chunk's scores from them instead of storing T x (L + P) probabilities."""
+    """Forward and backward over chunks of query blocks: the forward keeps the output, the
+    log-sum-exp of every row and the dropout keep-mask; the backward recomputes each chunk's
+    scores from them instead of storing T x (L + P) probabilities."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: SparseLayout, dropout_p: float):

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from config import GPT2Config
 from models.gpt2 import GPT2LMHeadModel, GPT2Model
@@ -218,7 +217,7 @@ def test_dropout_in_training_with_gradient_checkpointing_replays_the_masks():
 
 def test_auto_picks_the_sparse_path_in_training_with_dropout(monkeypatch):
     """A long sequence in training (dropout 0.1) takes the sparse path on CPU under `auto`."""
-    import modules.attention as attention
+    from modules import attention
 
     taken = []
     monkeypatch.setattr(attention, "sparse_attention",
