@@ -185,10 +185,11 @@ def test_gradients_flow_through_interleaved_sparse_layers():
 
 
 # ---- padding, both paths -----------------------------------------------------------------------
-def _model(pattern, backend="sdpa", layers="all", window=4, seed=0):
+def _model(pattern, backend="sdpa", layers="all", window=4, seed=0, global_tokens=0):
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config.from_name("tiny", vocab_size=1000, attention=pattern, attention_window=window,
-                                                sparse_layers=layers, attention_backend=backend)).eval()
+                                                sparse_layers=layers, attention_backend=backend,
+                                                attention_global_tokens=global_tokens)).eval()
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -206,10 +207,10 @@ def test_padding_left_and_right_equal_unpadded(pattern, backend):
     torch.testing.assert_close(left[:, 6:], ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_flex_and_sdpa_paths_agree_on_cpu(pattern):
+@pytest.mark.parametrize("pattern,global_tokens", [(p, 0) for p in PATTERNS] + [("logsparse", 3), ("local", 130)])
+def test_flex_and_sdpa_paths_agree_on_cpu(pattern, global_tokens):
     """FlexAttention runs eagerly on CPU (forward only); same block mask function, same numbers."""
-    sdpa, flex = _model(pattern, "sdpa", window=6), _model(pattern, "flex", window=6)
+    sdpa, flex = [_model(pattern, b, window=6, global_tokens=global_tokens) for b in ("sdpa", "flex")]
     ids = torch.randint(0, 1000, (3, 260))  # over two 128-blocks
     mask = torch.ones(3, 260, dtype=torch.long)
     mask[1, :50] = 0
