@@ -113,7 +113,8 @@ def main(argv=None) -> dict:
         if not path.is_file():
             raise UsageError(f"{name}: no such file {path}")
     overrides = ModelConfig(attention=args.attention, attention_window=args.attention_window,
-                            sparse_layers=args.sparse_layers, attention_backend=args.attention_backend)
+                            sparse_layers=args.sparse_layers, attention_backend=args.attention_backend,
+                            attention_global_tokens=args.attention_global_tokens)
     overrides.validate()
     device = resolve_device("cuda" if args.use_gpu else args.device)
     results: dict[str, dict[str, dict]] = {}

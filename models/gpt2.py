@@ -18,7 +18,7 @@ from torch import nn
 
 from config import GPT2Config
 from modules.attention import KVCache, build_attention_mask
-from modules.attention_patterns import layer_patterns, use_flex
+from modules.attention_patterns import choose_path, layer_patterns
 from modules.gpt2_layer import GPT2Layer
 
 
@@ -177,14 +177,18 @@ class GPT2Model(GPT2PreTrainedModel):
         if start + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's "
                              f"{self.config.max_position_embeddings} positions; truncate the input")
-        # One mask per distinct pattern (sparse layers: a BlockMask on the FlexAttention path).
+        # One mask per distinct pattern, of the type of its path (modules.attention_patterns.choose_path):
+        # a boolean SDPA mask, a FlexAttention BlockMask or the sparse path's SparseLayout.
         cfg = self.config
-        flex = use_flex(cfg.attention_backend, input_ids.device,
-                        dropout_active=self.training and cfg.attention_probs_dropout_prob > 0,
-                        cached=cache_start is not None) if cfg.attention != "dense" else False
-        masks = {p: build_attention_mask(attention_mask, T, start, input_ids.device, pattern=p,
-                                         window=cfg.attention_window, block_sparse=flex and p != "dense")
-                 for p in set(self.layer_patterns)}
+        masks = {}
+        for p in set(self.layer_patterns):
+            path = choose_path(cfg.attention_backend, p, input_ids.device, T, start + T, cfg.attention_window,
+                               cfg.attention_global_tokens,
+                               dropout_active=self.training and cfg.attention_probs_dropout_prob > 0,
+                               cached=cache_start is not None)
+            masks[p] = build_attention_mask(attention_mask, T, start, input_ids.device, pattern=p,
+                                            window=cfg.attention_window, path=path,
+                                            global_tokens=cfg.attention_global_tokens)
         h = input_ids if starter else self.embed(input_ids, position_ids)  # (B, T, D)
         for layer, pattern in zip(self.gpt_layers, self.layer_patterns):
             mask, is_causal = masks[pattern]

@@ -91,8 +91,14 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse_layers", type=str, default=None,
                    help="which layers use --attention (the rest stay dense): all, even, odd, or "
                         "comma-separated layer indices such as 0,2,5 (default all)")
+    g.add_argument("--attention_global_tokens", type=int, default=None, metavar="N",
+                   help="Longformer-style global tokens: the first N positions of every row attend to every "
+                        "earlier position and every query attends to them (sparse patterns only; default 0)")
     g.add_argument("--attention_backend", choices=BACKENDS, default=None,
-                   help="execution path of the sparse layers; auto picks the fastest correct one (default)")
+                   help="execution path of the sparse layers: sdpa (dense SDPA with a boolean mask, the reference), "
+                        "sparse (blocked/gathered attention whose work grows like T x keys, dropout included), flex "
+                        "(FlexAttention block masks, compiled on CUDA, no dropout), auto (default: the fastest "
+                        "correct one for the device, pattern, length and dropout; modules/attention_patterns.py)")
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:

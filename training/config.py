@@ -69,6 +69,7 @@ class ModelConfig:
     attention_window: Optional[int] = None
     sparse_layers: Optional[str] = None
     attention_backend: Optional[str] = None
+    attention_global_tokens: Optional[int] = None
 
     @property
     def spec(self) -> str:
@@ -79,7 +80,8 @@ class ModelConfig:
         """GPT2Config field -> value for every override that was set."""
         out = {"hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout,
                "attention": self.attention, "attention_window": self.attention_window,
-               "sparse_layers": self.sparse_layers, "attention_backend": self.attention_backend}
+               "sparse_layers": self.sparse_layers, "attention_backend": self.attention_backend,
+               "attention_global_tokens": self.attention_global_tokens}
         return {k: v for k, v in out.items() if v is not None}
 
     def validate(self) -> None:
@@ -94,6 +96,7 @@ class ModelConfig:
         check_number("max_length", self.max_length, low=8, integer=True, optional=True)
         for name in ("hidden_dropout", "attention_dropout"):
             check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True, optional=True)
+        check_number("attention_global_tokens", self.attention_global_tokens, low=0, integer=True, optional=True)
         if self.attention is not None or self.attention_backend is not None or self.attention_window is not None \
                 or self.sparse_layers is not None:
             from modules.attention_patterns import BACKENDS, PATTERNS, parse_sparse_layers
