@@ -154,7 +154,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
         if given.is_file():
             logs, root = [given], given.parent.parent
         elif given.is_dir():
-            logs, root = _logs_below(given), given
+            logs, root = _logs_below(given), given.parent
         else:
             raise DataError(f"{given}: no such run directory or metrics file")
         found = [r for r in (read_run(log, root) for log in logs) if r.start]

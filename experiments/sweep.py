@@ -17,6 +17,8 @@ Files in OUT:
                     error (rewritten after every trial)
     best.json       the best complete trial: value, parameters, run dir, the command that reproduces it
     trial-NNN/      the trial's run directory (+ trial.log with its output, sweep/ the pruning files)
+With --parallel each slot's trial sees only its device (CUDA_VISIBLE_DEVICES; "" for a cpu slot, and
+trials sharing the CPU split its cores with OMP_NUM_THREADS unless it is set).
 A failed trial (non-zero exit, no metric) is recorded with the last line of its output; the sweep
 goes on.
 """
@@ -261,6 +263,9 @@ class Sweep:
         env = dict(os.environ)
         if self.devices:
             env["CUDA_VISIBLE_DEVICES"] = "" if self.devices[slot] == "cpu" else self.devices[slot]
+            cpu_slots = self.devices.count("cpu")
+            if self.devices[slot] == "cpu" and cpu_slots > 1 and "OMP_NUM_THREADS" not in env:
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_slots))  # share the cores
         directory.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("command", command)
         trial.set_user_attr("run_dir", str(directory))

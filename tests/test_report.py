@@ -21,6 +21,7 @@ from experiments.runs import find_runs, lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_thread_subprocesses")
 
 def fake_run(directory: Path, flags: dict, accs: list[float], *, resumed_at=None, memory=2**20 * 100):
     """A metrics.jsonl as the trainer writes it: start, step records, one epoch record per accuracy, done."""
@@ -59,7 +60,7 @@ def runs_dir(tmp_path):
 
 def test_runs_are_found_and_deduplicated(runs_dir):
     runs = find_runs([runs_dir])
-    assert [r.name for r in runs] == ["trial-000", "trial-001", "trial-002", "trial-003"]
+    assert [r.name for r in runs] == ["sweep/trial-000", "sweep/trial-001", "sweep/trial-002", "sweep/trial-003"]
     assert [e["epoch"] for e in runs[0].epochs] == [1, 2] and len(runs[0].steps) == 4
     assert runs[0].value_at_best("dev_accuracy") == 0.7 and runs[2].best_epoch() == 1
     assert runs[2].value_at_best("dev_f1") == 0.4 and runs[0].train_seconds() == 15.0
@@ -77,7 +78,7 @@ def test_table_has_the_differing_flags_and_the_kept_epoch(runs_dir):
     lines = table(runs, "dev_accuracy").splitlines()
     assert lines[0] == ("| run | --lora_r | --seed | status | best epoch / epochs | dev_accuracy | dev_f1 | train s | "
                         "wall s | trainable params | peak memory MiB |")
-    assert lines[2] == "| trial-000 | 4 | 1 | done | 2 / 2 | 0.7 | 0.35 | 15.0 | 21.0 | 1,234 | 100 (cuda) |"
+    assert lines[2] == "| sweep/trial-000 | 4 | 1 | done | 2 / 2 | 0.7 | 0.35 | 15.0 | 21.0 | 1,234 | 100 (cuda) |"
     assert lines[4].split(" | ")[4:6] == ["1 / 2", "0.8"]
 
 
@@ -128,5 +129,5 @@ def test_sweep_then_report_from_the_command_line(tmp_path, tokenizer_dir):
     report = subprocess.run([sys.executable, "report.py", str(out)], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert report.returncode == 0, report.stderr
-    assert report.stdout.count("| trial-00") == 3 and "--batch_size" in report.stdout
+    assert report.stdout.count("| sweep/trial-00") == 3 and "--batch_size" in report.stdout
     assert {p.name for p in out.glob("*.png")} == {"train_loss.png", "dev_accuracy.png", "best_accuracy.png"}

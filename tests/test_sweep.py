@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "tests" / "sweep_toy_script.py")
 QUIET = lambda *_: None  # noqa: E731
 
+pytestmark = pytest.mark.usefixtures("one_thread_subprocesses")
 
 def read_results(out) -> list[dict]:
     with open(Path(out) / "results.csv", newline="") as f:
