@@ -42,6 +42,7 @@ def test_tensorboard_scalars_and_hparams_match_the_metrics_log(tmp_path, tokeniz
     epochs = [r for r in records if r["event"] == "epoch"]
     assert len(steps) >= 2 and len(epochs) == 2
     acc = read_events(sub)
+    assert not list((tmp_path / "run").glob("events.out.tfevents*"))  # the root log got no record: no file
     tags = acc.Tags()["scalars"]
     assert {"step/train_loss", "step/lr", "epoch/train_loss", "dev/accuracy", "dev/f1", "hparam/accuracy"} <= set(tags)
     got = [(e.step, e.value) for e in acc.Scalars("step/train_loss")]

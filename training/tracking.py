@@ -27,7 +27,7 @@ from common.errors import ConfigError
 
 # Keys of step / epoch records that are bookkeeping, not metrics.
 SKIP_KEYS = {"event", "time", "task", "epoch", "step", "batch", "world_size", "best_epoch"}
-FLUSH_EVENTS = {"epoch", "done", "stopped", "early_stop"}
+FLUSH_EVENTS = {"epoch", "done"}
 
 
 def _numbers(record: dict) -> dict[str, float]:
@@ -58,12 +58,21 @@ class TensorBoardSink:
             raise ConfigError("report_to", f"tensorboard needs the tensorboard package ({exc}); "
                               f"pip install -r requirements.txt, or use report_to none") from None
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._make = lambda: SummaryWriter(log_dir=str(self.log_dir))
+        self._writer = None  # opened by the first record: a log that gets none leaves no event file
         self.hparams = {k.lstrip("-"): hparam_value(v) for k, v in (hparams or {}).items()}
         self._closed = False
         atexit.register(self.close)  # scripts do not close their log: flush what is left at exit
 
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = self._make()
+        return self._writer
+
     def write(self, event: str, record: dict) -> None:
+        if event not in ("step", "epoch", "done"):
+            return
         w = self.writer
         if event == "step" and "step" in record:
             for k, v in _numbers(record).items():
@@ -95,9 +104,9 @@ class TensorBoardSink:
             self.writer.add_scalar(k, v)
 
     def close(self) -> None:
-        if not self._closed:
+        if not self._closed and self._writer is not None:
             self._closed = True
-            self.writer.close()
+            self._writer.close()
 
 
 class WandbSink:
