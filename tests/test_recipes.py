@@ -39,7 +39,11 @@ def parse_with_script(command: list[str], smoke: bool) -> None:
         import sweep
         from experiments.space import flags_for, grid_points, parse_space
 
+        from experiments.sweep_spec import SweepSpec
+
         args = sweep.parse_args(flags)
+        SweepSpec(script=args.script, space=args.space, metric=args.metric, out="x", fixed=args.fixed,
+                  trials=args.trials, sampler=args.sampler).validate()  # e.g. a fixed flag that is a parameter
         space = parse_space(args.space)
         point = grid_points(space)[0] if args.sampler == "grid" else {k: p.args[0] for k, p in space.items()}
         script, flags = args.script, [*args.fixed, *flags_for(point), "--run_dir", "x"]
