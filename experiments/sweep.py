@@ -82,8 +82,10 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = JournalStorage(JournalFileBackend(str(self.out / "study.journal")))
         self.study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=spec.direction,
-                                         sampler=self._sampler(), pruner=pruner or self._pruner(),
+                                         sampler=self._sampler(spec.seed), pruner=pruner or self._pruner(),
                                          load_if_exists=True)
+        # A resumed sweep's sampler must not replay the draws of the first session: seed + trials so far.
+        self.study.sampler = self._sampler(spec.seed + len(self.study.get_trials(deepcopy=False)))
         self.target = spec.trials if spec.sampler != "grid" else min(spec.trials or grid_size(self.space),
                                                                       grid_size(self.space))
         self.devices = spec.devices if spec.devices is not None else default_devices(spec.parallel)
@@ -110,14 +112,14 @@ class Sweep:
         else:
             atomic_write_json(path, now)
 
-    def _sampler(self):
+    def _sampler(self, seed: int):
         import optuna
 
         if self.spec.sampler == "grid":
-            return _grid_sampler(grid(self.space), self.spec.seed)
+            return _grid_sampler(grid(self.space), seed)
         if self.spec.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=self.spec.seed)
-        return optuna.samplers.TPESampler(seed=self.spec.seed)
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
 
     def _pruner(self):
         import optuna
@@ -193,6 +195,7 @@ class Sweep:
         directory.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("command", command)
         trial.set_user_attr("run_dir", str(directory))
+        trial.set_user_attr("started", round(time.time(), 3))
         log = open(directory / "trial.log", "w", encoding="utf-8")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         where = f" on {'cpu' if self.devices[slot] == 'cpu' else 'cuda:' + self.devices[slot]}" if self.devices else ""

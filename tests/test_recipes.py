@@ -124,5 +124,11 @@ def test_an_interrupted_step_is_resumed(tmp_path):
     target.mkdir(parents=True)
     (target / "last.pt").write_bytes(b"")
     assert step_command(recipe, recipe.steps[0], tmp_path / "smoke", True)[-2:] == ["--resume", str(target)]
-    with pytest.raises(UserError, match="step low failed"):
-        run_recipe(path, smoke=True)  # the empty last.pt cannot be resumed: the step fails, clearly
+
+
+def test_a_failing_step_stops_the_recipe_naming_it(tmp_path):
+    path = toy_recipe(tmp_path)
+    path.write_text(path.read_text().replace(f'script = "{TOY}"', 'script = "no_such_script.py"', 1))
+    with pytest.raises(UserError, match="step low failed \\(exit status 2\\)"):
+        run_recipe(path, smoke=True)
+    assert not (tmp_path / "smoke" / "best").exists()  # later steps do not run
