@@ -84,8 +84,10 @@ class Sweep:
         self.study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=spec.direction,
                                          sampler=self._sampler(spec.seed), pruner=pruner or self._pruner(),
                                          load_if_exists=True)
-        # A resumed sweep's sampler must not replay the draws of the first session: seed + trials so far.
-        self.study.sampler = self._sampler(spec.seed + len(self.study.get_trials(deepcopy=False)))
+        # A resumed sweep's random draws must not replay the first session's: seed + trials so far.  (Not
+        # the grid: its trials store grid ids into the seed's shuffled grid, which must stay the same.)
+        if spec.sampler != "grid":
+            self.study.sampler = self._sampler(spec.seed + len(self.study.get_trials(deepcopy=False)))
         self.target = spec.trials if spec.sampler != "grid" else min(spec.trials or grid_size(self.space),
                                                                       grid_size(self.space))
         self.devices = spec.devices if spec.devices is not None else default_devices(spec.parallel)
