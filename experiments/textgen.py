@@ -58,23 +58,24 @@ def run_model_config(checkpoint: str | Path) -> Optional[dict]:
 
 def resolve_model(model_size: Optional[str], checkpoint: Optional[str], random_init: bool = False,
                   tokenizer: Optional[str] = None, overrides: Optional[dict] = None) -> ModelSource:
-    """What to load for `--model_size` / `--checkpoint` (see the module docstring)."""
+    """What to load for `--model_size` / `--checkpoint` (see the module docstring).  A run's
+    architecture overrides (sparse attention) apply whenever its log says them; flags given win."""
     from training.config import ModelConfig
 
     overrides = dict(overrides or {})
     if checkpoint is not None and not Path(checkpoint).exists():
         raise ConfigError("checkpoint", f"{checkpoint}: no such run directory or checkpoint file")
-    if checkpoint is not None and model_size is None:
-        saved = run_model_config(checkpoint)
-        if saved is None:
+    saved = run_model_config(checkpoint) if checkpoint is not None else None
+    cfg = ModelConfig(**{k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}) if saved else None
+    arch = {k: v for k, v in cfg.overrides().items() if not k.endswith("dropout_prob")} if cfg else {}
+    if model_size is None and checkpoint is not None:
+        if cfg is None:
             raise ConfigError("model_size", f"{checkpoint} has no metrics.jsonl saying which model it trained; name "
                               f"the base model with model_size")
-        cfg = ModelConfig(**{k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__})
-        arch = {k: v for k, v in cfg.overrides().items() if not k.endswith("dropout_prob")}
         return ModelSource(cfg.spec, checkpoint, cfg.random_init, {**arch, **overrides}, tokenizer or cfg.tokenizer,
                            None if cfg.random_init else cfg.spec)
     spec = model_size or "gpt2"
-    return ModelSource(spec, checkpoint, random_init, overrides, tokenizer, None if random_init else spec)
+    return ModelSource(spec, checkpoint, random_init, {**arch, **overrides}, tokenizer, None if random_init else spec)
 
 
 def prompt_budget(context: int, max_new_tokens: int, max_length: Optional[int] = None) -> int:

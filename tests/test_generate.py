@@ -160,3 +160,15 @@ def test_checkpoint_without_a_log_asks_for_the_model(tmp_path, capsys):
     with pytest.raises(ConfigError, match="name the base model") as info:
         run_generate(capsys, "--checkpoint", str(tmp_path / "run"), "--prompt", "x")
     assert info.value.field == "model_size"
+
+
+def test_a_runs_architecture_overrides_follow_its_checkpoint(tmp_path):
+    from experiments.textgen import resolve_model
+    from training.config import ModelConfig
+
+    append_jsonl(tmp_path / "metrics.jsonl", {"event": "start", "run": {"model": asdict(ModelConfig(
+        model_size="tiny", attention="local", attention_window=16, hidden_dropout=0.3))}})
+    alone = resolve_model(None, str(tmp_path))
+    assert (alone.spec, alone.overrides) == ("tiny", {"attention": "local", "attention_window": 16})  # no dropout
+    named = resolve_model("tiny", str(tmp_path), overrides={"attention_window": 8})
+    assert named.overrides == {"attention": "local", "attention_window": 8}  # the flag wins
