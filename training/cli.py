@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 
 from common.errors import ConfigError, UserError
 from training.config import (Decoding, EfficiencyConfig, FreezeMode, GenerationConfig, ModelConfig, PeftMethod,
-                             Precision, RunConfig, ScheduleName, TrainConfig, choices)
+                             Precision, ReportTo, RunConfig, ScheduleName, TrainConfig, choices)
 
 # Config fields whose flag is not `--<field>` (GPT2Config fields included: errors raised while building a model).
 FIELD_FLAGS = {
@@ -32,7 +32,7 @@ FIELD_FLAGS = {
 }
 # Flags that may differ between a run and its resumption: they do not change what is trained.
 RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress", "compile", "peak_flops", "merge_lora",
-               "device", "use_gpu", "export_hf", "export_allow_dense"}
+               "device", "use_gpu", "export_hf", "export_allow_dense", "report_to", "sweep_control"}
 
 
 def flag_for(field: str, extra: Optional[dict] = None) -> str:
@@ -148,6 +148,13 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
                    help="stop (as if interrupted) after this many epochs, leaving a resumable checkpoint")
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples of every split (smoke runs)")
     g.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
+    g.add_argument("--report_to", choices=choices(ReportTo), default="none",
+                   help="also send every metrics.jsonl record to an experiment tracker: tensorboard (event files "
+                        "in the run dir: scalars per step and per epoch, the flags as hparams) or wandb (needs "
+                        "`pip install wandb`; offline unless WANDB_MODE is set); metrics.jsonl stays the record")
+    g.add_argument("--sweep_control", default=None, metavar="DIR",
+                   help="set by sweep.py: after each epoch the run reports its dev metrics in DIR and waits for the "
+                        "sweep's decision to continue or stop (pruning)")
 
 
 def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
@@ -269,7 +276,8 @@ def build_configs(args: argparse.Namespace, resume_free: Iterable[str] = ()) -> 
     cfg = RunConfig(model=_fill(ModelConfig, args), train=train, efficiency=_fill(EfficiencyConfig, args),
                     device=device, run_dir=getattr(args, "resume", None) or getattr(args, "run_dir", None),
                     signature=signature(args, resume_free), export_hf=getattr(args, "export_hf", None),
-                    export_allow_dense=getattr(args, "export_allow_dense", False))
+                    export_allow_dense=getattr(args, "export_allow_dense", False),
+                    report_to=getattr(args, "report_to", "none"), sweep_control=getattr(args, "sweep_control", None))
     cfg.validate()
     check_device(device)
     if cfg.train.fsdp and env_world_size() < 2:

@@ -11,7 +11,8 @@ see an argparse namespace.  Validation errors are `ConfigError`s naming the FIEL
                       rules, run directory behaviour, speed switches
     EfficiencyConfig  parameter- and memory-efficient fine-tuning: LoRA, freezing, checkpointing
     GenerationConfig  a decoding strategy and its settings -> keyword arguments of `generate()`
-    RunConfig         the three plus the device and the run's resume signature
+    RunConfig         the three plus the device, the run's resume signature, the experiment tracker
+                      (`report_to`) and a sweep's control directory (`sweep_control`)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ ScheduleName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
 PeftMethod = Literal["none", "lora"]
 FreezeMode = Literal["none", "embeddings", "first-half", "first-n", "all-but-head"]
 Decoding = Literal["greedy", "sample", "top-k", "top-p", "top-k-p", "beam"]
+ReportTo = Literal["none", "tensorboard", "wandb"]  # experiment trackers fed from the metrics log
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -259,6 +261,8 @@ class RunConfig:
     signature: dict = field(default_factory=dict)
     export_hf: Optional[str] = None  # after training: the model as a complete Hugging Face directory
     export_allow_dense: bool = False  # export a sparse-attention model although transformers runs it dense
+    report_to: ReportTo = "none"  # also mirror metrics.jsonl to TensorBoard event files or wandb
+    sweep_control: Optional[str] = None  # set by sweep.py: where the trial reports epochs and reads prune decisions
 
     def validate(self) -> "RunConfig":
         self.model.validate()
@@ -268,6 +272,7 @@ class RunConfig:
             raise ConfigError("optimizer", f"{self.train.optimizer} preconditions whole matrices; a shard's Gram matrix "
                               f"is not the matrix's factor, so it cannot run under fsdp: use DDP (drop --fsdp)")
         self.validate_export()
+        check_choice("report_to", self.report_to, ReportTo)
         if self.train.fsdp and self.efficiency.peft != "none":
             raise ConfigError("fsdp", "FSDP with peft lora is not supported (adapter-only checkpoints are not gathered "
                               "across shards); LoRA models are small enough for DistributedDataParallel: drop fsdp")

@@ -13,12 +13,15 @@ Two start-up checks guard a run against inputs that do not match it: `data=` nam
 files that decide what is trained (training and dev data); a SHA-256 of each goes into the run's
 signature, so `--resume` after one of them changed is refused naming the file.  And the tokenizer
 must fit the model: an id beyond the embedding would crash mid-training with an IndexError.
+
+Every metrics log gets the sinks of `--report_to` (training/tracking.py),
+and under `--sweep_control DIR` (set by sweep.py) every task a `SweepReporter` (training/pruning.py).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -55,7 +58,17 @@ class ScriptRun:
         device = resolve_device(cfg.device)
         run_dir = open_run_dir(script, cfg.run_dir, cfg.train.resume)
         seed_everything(cfg.train.seed)
-        return cls(script, cfg, device, run_dir, MetricsLog(run_dir / "metrics.jsonl"))
+        return cls(script, cfg, device, run_dir, cls._metrics_log(cfg, script, run_dir))
+
+    @staticmethod
+    def _metrics_log(cfg: RunConfig, script: str, log_dir: Path, sub: Optional[str] = None) -> MetricsLog:
+        """RUN_DIR[/sub]/metrics.jsonl, mirrored to the tracker of `--report_to` (rank 0 only)."""
+        from training.distributed import is_main
+        from training.tracking import build_sinks
+
+        sinks = build_sinks(cfg.report_to, log_dir, name=f"{script}-{Path(cfg.run_dir or log_dir).name}",
+                            hparams=cfg.signature, prefix=f"{sub}/" if sub else "") if is_main() else []
+        return MetricsLog(log_dir / "metrics.jsonl", sinks)
 
     @property
     def tokenizer(self):
@@ -97,8 +110,13 @@ class ScriptRun:
         directory, several tasks; `--resume RUN_DIR` continues all of them)."""
         self.check_tokenizer(model)
         run_dir = self.run_dir / sub if sub else self.run_dir
-        log = MetricsLog(run_dir / "metrics.jsonl") if sub else self.log
-        run_info = {"script": self.script, "task": task.name, "model": asdict(self.cfg.model),
+        log = self._metrics_log(self.cfg, self.script, run_dir, sub) if sub else self.log
+        if self.cfg.sweep_control:  # a sweep's trial: report every epoch, stop when pruned
+            from training.pruning import SweepReporter
+
+            task = replace(task, callbacks=[*task.callbacks, SweepReporter(self.cfg.sweep_control)])
+        run_info = {"script": self.script, "task": task.name, "metric": task.metric,
+                    "higher_is_better": task.higher_is_better, "model": asdict(self.cfg.model),
                     "efficiency": asdict(self.cfg.efficiency)}
         return Trainer(model, task, self.cfg.train, self.device, run_dir, log, resume_dir=self.run_dir,
                        efficiency=self.cfg.efficiency, signature=self.cfg.signature, run_info=run_info)
