@@ -39,7 +39,11 @@ class ScriptRun:
     @classmethod
     def start(cls, script: str, args: argparse.Namespace, resume_free: Iterable[str] = ()) -> "ScriptRun":
         """Build and validate the configs, pick the device, open (and lock) the run directory, seed."""
-        cfg = build_configs(args, resume_free)
+        return cls.from_config(script, build_configs(args, resume_free))
+
+    @classmethod
+    def from_config(cls, script: str, cfg: RunConfig) -> "ScriptRun":
+        """`start` from an already validated RunConfig (an orchestrator running several trainings)."""
         device = resolve_device(cfg.device)
         run_dir = open_run_dir(script, cfg.run_dir, cfg.train.resume)
         seed_everything(cfg.train.seed)
