@@ -271,7 +271,8 @@ def generator_run_config(args, generator_in: str, run_dir: Path) -> RunConfig:
                         resume=run_dir.is_dir())
     efficiency = EfficiencyConfig(**{f.name: getattr(args, f.name) for f in fields(EfficiencyConfig)})
     model = ModelConfig(model_size=generator_in, tokenizer=args.tokenizer, max_length=args.generator_max_length)
-    signature = {"generator_in": generator_in, **asdict(train), **asdict(efficiency), "max_length": model.max_length}
+    signature = {"generator_in": generator_in, **asdict(train), **asdict(efficiency), "max_length": model.max_length,
+                 **{k: getattr(args, k) for k in ("kl_lambda", "kl_temperature", "dev_fraction")}}
     for volatile in ("progress", "resume"):
         signature.pop(volatile)
     cfg = RunConfig(model, train, efficiency, device="cuda" if args.use_gpu else args.device, run_dir=str(run_dir),

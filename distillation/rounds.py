@@ -47,8 +47,13 @@ def _plain(obj):
 
 
 def digest(path: Path) -> str:
-    """Fingerprint of a completed stage: the SHA-256 of its statistics file."""
-    return hashlib.sha256(stats_path(path).read_bytes()).hexdigest()[:16]
+    """Fingerprint of a completed stage: its statistics file, and the size and modification time of
+    every output file (a stage run again changes it, even when its statistics come out the same)."""
+    h = hashlib.sha256(stats_path(path).read_bytes())
+    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def run_stage(out: Path, settings: dict, inputs: dict, fn: Callable[[], Optional[dict]],
