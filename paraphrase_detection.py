@@ -20,7 +20,8 @@ Impossible Distillation's critic.  A pair longer than `--max_length` tokens keep
 and the answer slot and truncates the questions (the longer one first, each keeping its beginning);
 the number of truncated pairs is printed and logged.  Impossible Distillation's synthetic pairs join
 the training set with `--synthetic_train` (weight `--synthetic_weight`, a KL term to the initial
-model with `--kl_lambda`; distillation/synthetic.py).
+model with `--kl_lambda`, a margin or InfoNCE term ranking each synthetic positive above the hard
+negatives of its source sentence with `--contrastive`; distillation/synthetic.py).
 
     python paraphrase_detection.py --use_gpu --model_size gpt2
     python paraphrase_detection.py --model_size tiny --epochs 1 --limit 64    # smoke run, CPU
