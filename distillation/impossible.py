@@ -50,13 +50,6 @@ def normalise(text: str) -> str:
     return " ".join(words(text))
 
 
-def jaccard(a: str, b: str) -> float:
-    sa, sb = set(words(a)), set(words(b))
-    if not sa and not sb:
-        return 1.0
-    return len(sa & sb) / len(sa | sb)
-
-
 def one_line(text: str) -> str:
     """Collapse tabs and newlines so a sentence fits one TSV field."""
     return _SPACE.sub(" ", text).strip()
