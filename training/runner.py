@@ -55,6 +55,11 @@ class ScriptRun:
         `data`: the flags (namespace fields) of the files that decide training, fingerprinted."""
         cfg = build_configs(args, resume_free)
         cfg.signature.update(data_fingerprints(args, data))
+        return cls.from_config(script, cfg)
+
+    @classmethod
+    def from_config(cls, script: str, cfg: RunConfig) -> "ScriptRun":
+        """`start` from an already validated RunConfig (an orchestrator running several trainings)."""
         device = resolve_device(cfg.device)
         run_dir = open_run_dir(script, cfg.run_dir, cfg.train.resume)
         seed_everything(cfg.train.seed)
