@@ -33,7 +33,6 @@ and transformers' `GPT2LMHeadModel.from_pretrained` load.
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,6 +43,7 @@ from common.errors import ConfigError, DataError
 from common.precision import autocast
 from distillation.losses import kd_kl_loss
 from models.losses import IGNORE_INDEX, next_token_targets, token_nll
+from tasks.paraphrase import fit_pair
 from training.batching import pad_right, sorted_batches
 from training.config import check_number
 from training.task import TrainTask
@@ -87,15 +87,8 @@ def encode_paraphrases(tokenizer, pairs: Sequence[tuple[str, str]], max_length: 
     ys = _ids(tokenizer, [" " + y.strip() for _, y in pairs])
     seqs, prompt_lengths, truncated = [], [], 0
     for x, y in zip(xs, ys):
-        if len(x) + len(y) > room:
-            truncated += 1
-            half = room // 2
-            if len(x) <= half:
-                y = y[: room - len(x)]
-            elif len(y) <= room - half:
-                x = x[: room - len(y)]
-            else:
-                x, y = x[:half], y[: room - half]
+        x, y, cut = fit_pair(x, y, room)  # the detector's truncation rule
+        truncated += cut
         seqs.append(x + sep + y + [eos])
         prompt_lengths.append(len(x) + len(sep))
     return seqs, prompt_lengths, truncated
@@ -191,17 +184,13 @@ def generator_task(train: tuple[list, list], dev: tuple[list, list], pad_id: int
 
 
 def save_generator(model, tokenizer_source: Optional[str], out_dir: str | Path) -> Path:
-    """`save_pretrained` (LoRA adapters merged in first) plus vocab.json / merges.txt when known."""
-    from models.tokenizer import TOKENIZER_FILES
+    """`save_pretrained` (LoRA adapters merged in first): a complete Hugging Face directory with the
+    run's tokenizer, which the `generate` stage (and transformers) load alone."""
     from training.efficient import lora_settings, merge_lora
 
     if lora_settings(model) is not None:
         merge_lora(model)
-    out = model.save_pretrained(out_dir)
-    if tokenizer_source and Path(tokenizer_source).is_dir():
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(Path(tokenizer_source) / name, out / name)
-    return out
+    return model.save_pretrained(out_dir, tokenizer=tokenizer_source)
 
 
 def train_generator(run, rows: Sequence[dict], loss_cfg: GeneratorLossConfig, out_dir: str | Path,
