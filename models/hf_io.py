@@ -212,6 +212,10 @@ def load_hf_checkpoint(cls, name_or_dir: str, **config_overrides):
         if not hasattr(config, key):
             raise ValueError(f"unknown config field {key!r}")
         setattr(config, key, value)
+    if (directory / "quantization.json").is_file():  # written by quantize.py: packed integer weights
+        from quant.io import load_quantized
+
+        return load_quantized(cls, config, directory)
     model = cls(config)
     load_state_into(model.backbone, directory)
     return model
@@ -227,8 +231,14 @@ def hf_state_dict(backbone: torch.nn.Module, prefix: str = "transformer.") -> di
 
 
 def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors atomically (into a temp dir, then renamed)."""
+    """Write config.json + model.safetensors atomically (into a temp dir, then renamed).
+    A quantized model is written in its own format instead (quant/io.py)."""
     from safetensors.torch import save_file
+
+    if getattr(backbone, "quantization", None) is not None:
+        from quant.io import save_quantized
+
+        return save_quantized(backbone, directory)
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
