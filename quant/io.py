@@ -61,11 +61,21 @@ def atomic_directory(directory: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def copy_tokenizer_files(source: Optional[str | Path], directory: str | Path) -> bool:
+    """Copy vocab.json + merges.txt from `source` into `directory` when `source` holds both
+    (so a saved model directory is self-contained); returns whether it did."""
+    from models.tokenizer import TOKENIZER_FILES
+
+    if source is None or not all((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        return False
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(Path(source) / name, Path(directory) / name)
+    return True
+
+
 def save_quantized(model: nn.Module, directory: str | Path, tokenizer_dir: Optional[str | Path] = None) -> Path:
     """Write a quantized model (see the module docstring); `tokenizer_dir`: copy its tokenizer files."""
     from safetensors.torch import save_file
-
-    from models.tokenizer import TOKENIZER_FILES
 
     backbone = model.backbone
     info = getattr(backbone, "quantization", None)
@@ -78,9 +88,7 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer_dir: Optio
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(backbone.config.to_hf_dict(), indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer_dir is not None and all((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
-            for name in TOKENIZER_FILES:
-                shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        copy_tokenizer_files(tokenizer_dir, tmp)
         (tmp / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
 
