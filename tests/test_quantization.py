@@ -45,11 +45,24 @@ def test_rtn_error_within_analytic_bound(spec):
     assert (err.amax(-1) > 0.5 * bound[..., 0]).all()  # the bound is what RTN really reaches
 
 
+def test_rtn_by_hand():
+    # One 4-bit group with max|w| = 7.5: scale 7.5 / 7.5 = 1, so q = clamp(round(w), -8, 7).
+    w = torch.tensor([[7.5, -3.2, 0.6, -7.5, 2.5, -0.4]])
+    q, scales = quant.quantize(w, quant.QuantSpec(4, 6))
+    assert scales.tolist() == [[1.0]]
+    assert q.tolist() == [[7, -3, 1, -8, 2, 0]]  # 7.5 -> 8 clamped to 7; -7.5 -> -8 (in range); 2.5 -> 2 (ties to even)
+    # 8-bit per channel: row max 2.55 -> scale 0.02, 2.55 / 0.02 = 127.5 -> clamped to 127.
+    q8, s8 = quant.quantize(torch.tensor([[2.55, 1.0, -0.011]], dtype=torch.float64), quant.QuantSpec(8))
+    assert s8.item() == pytest.approx(0.02) and q8.tolist() == [[127, 50, -1]]
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_rtn_matches_torchao(spec):
     """torchao's symmetric affine quantizer (an independent implementation) gives the same scales
     and integers; the only allowed difference is the tie w / s = -(2^(b-1) - 1/2) at a group's
-    most negative weight, which torchao rounds up and we round half-to-even (both err by s/2)."""
+    most negative weight, which torchao rounds up and we round half-to-even (both err by s/2).
+    torchao is not a project dependency (peft imports it whenever it is installed, slowly and
+    noisily, in every LoRA run): `pip install --no-deps torchao==0.18.0` to run this test."""
     qp = pytest.importorskip("torchao.quantization.quant_primitives")
     torch.manual_seed(1)
     w = torch.randn(40, 128)
