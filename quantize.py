@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--batch_size", type=int, default=8, help="windows (and calibration blocks) per forward pass")
     e.add_argument("--speed_repeats", type=int, default=7, help="timed forward passes per model (median)")
     e.add_argument("--speed_batch", type=int, default=4, help="sequences of --window tokens per timed forward")
+    e.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 gives steadier timings on a shared machine)")
     p.add_argument("--tokenizer", default=None, help="directory with vocab.json and merges.txt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -97,8 +99,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--max_tokens must be >= 2, got {args.max_tokens}")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} exists and is not a directory")
-    for flag in ("batch_size", "speed_repeats", "speed_batch", "gptq_block_size", "calib_tokens"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "speed_repeats", "speed_batch", "gptq_block_size", "calib_tokens", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.gptq_damp < 0:
         p.error(f"--gptq_damp must be >= 0, got {args.gptq_damp}")
@@ -162,6 +164,8 @@ def save(method: str, model: GPT2LMHeadModel, args) -> Path:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     fp32 = GPT2LMHeadModel.from_name_or_path(args.model).to(device).eval()
     tokenizer = load_tokenizer(args.tokenizer, model_dir=args.model)
@@ -190,7 +194,7 @@ def main(argv=None) -> dict:
          .view(args.speed_batch, args.window).to(device))  # (B, window)
     with torch.no_grad():
         times = time_interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, device,
-                                 steps=args.speed_repeats)
+                                 steps=args.speed_repeats, warmup=2)
     speed = {name: x.numel() / median(t) for name, t in times.items()}
     quality = {}
     for name, m in models.items():
