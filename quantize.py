@@ -1,8 +1,8 @@
 """Post-training weight quantization of a GPT-2 checkpoint, with a report of memory, speed and quality.
 
     python quantize.py --model runs/wt2-tiny/model --methods bf16 int8 int4 gptq \\
-        --eval_corpus data/wikitext-2/test.txt --max_tokens 20000 --out runs/quant/wt2-tiny \\
-        --calib_corpus data/wikitext-2/train.txt --calib_tokens 16384 --group_size 64 --window 128
+        --eval_corpus ../shared/data/wikitext-2/test.txt --max_tokens 20000 --out runs/quant/wt2-tiny \\
+        --calib_corpus ../shared/data/wikitext-2/train.txt --calib_tokens 16384 --group_size 64 --window 128
 
 Every linear layer of every block (query, key, value, attention_dense, interm_dense, out_dense)
 is quantized, weights only (activations stay in floating point):

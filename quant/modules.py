@@ -39,8 +39,13 @@ def _unpack(stored: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_int4(stored) if bits == 4 else stored
 
 
-def _stored_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
-    return (rows, cols // 2) if bits == 4 else (rows, cols)
+def _register_storage(module: nn.Module, rows: int, cols: int, spec: QuantSpec, device) -> None:
+    """The buffers of a quantized (rows, cols) matrix: `qweight` (rows, cols) int8 or (rows, cols // 2)
+    uint8 for 4 bits, and `scales` (rows, groups) float32."""
+    groups = spec.groups(cols)
+    shape, dtype = ((rows, cols // 2), torch.uint8) if spec.bits == 4 else ((rows, cols), torch.int8)
+    module.register_buffer("qweight", torch.zeros(shape, dtype=dtype, device=device))
+    module.register_buffer("scales", torch.ones(rows, groups, dtype=torch.float32, device=device))
 
 
 class QuantizedLinear(nn.Module):
@@ -50,11 +55,7 @@ class QuantizedLinear(nn.Module):
                  device: Optional[torch.device] = None):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        groups = spec.groups(in_features)
-        dtype = torch.uint8 if spec.bits == 4 else torch.int8
-        self.register_buffer("qweight", torch.zeros(_stored_shape(out_features, in_features, spec.bits),
-                                                    dtype=dtype, device=device))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        _register_storage(self, out_features, in_features, spec, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
@@ -102,11 +103,7 @@ class QuantizedEmbedding(nn.Module):
                  device: Optional[torch.device] = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.spec = num_embeddings, embedding_dim, spec
-        groups = spec.groups(embedding_dim)
-        dtype = torch.uint8 if spec.bits == 4 else torch.int8
-        self.register_buffer("qweight", torch.zeros(_stored_shape(num_embeddings, embedding_dim, spec.bits),
-                                                    dtype=dtype, device=device))
-        self.register_buffer("scales", torch.ones(num_embeddings, groups, dtype=torch.float32, device=device))
+        _register_storage(self, num_embeddings, embedding_dim, spec, device)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> "QuantizedEmbedding":
