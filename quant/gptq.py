@@ -28,13 +28,13 @@ from the already-quantized layers before it), and the quantized block's outputs 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from quant.modules import QuantizedLinear, check_groups, record
-from quant.primitives import QuantSpec, group_scales, quantize_with_scales
+from quant.primitives import QuantSpec, group_scales
 
 # The linear layers of a GPT2Layer in the order the data reaches them; one group is quantized
 # from inputs produced by the already-quantized groups before it.
@@ -158,7 +158,7 @@ def _block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[t
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
                         block_size: int = 128, batch_size: int = 8,
-                        progress: Optional[callable] = None) -> nn.Module:
+                        progress: Optional[Callable[[str], None]] = None) -> nn.Module:
     """GPTQ of every block linear layer of `model` (a GPT2Model or GPT2LMHeadModel), in place, from
     calibration token blocks (num_blocks, T); returns `model`.  `progress(name)` is called per layer."""
     if calibration.dim() != 2 or calibration.numel() == 0:

@@ -31,7 +31,7 @@ def quantized(tiny_hf_checkpoint, tokenizer_dir, tmp_path_factory):
 
 
 def test_report_and_sizes(quantized):
-    tmp, report = quantized
+    tmp, _ = quantized
     on_disk = json.loads((tmp / "out" / "report.json").read_text())
     assert on_disk["methods"].keys() == {"int8", "int4", "gptq", "bf16"}
     for method, row in on_disk["methods"].items():
