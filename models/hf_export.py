@@ -11,6 +11,8 @@ such a model dense.  A LoRA run's adapter goes next to the weights in peft's own
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import shutil
 import tempfile
@@ -90,6 +92,10 @@ def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path, tokeniz
 
     from models.tokenizer import write_tokenizer_files
 
+    if getattr(backbone, "quantization", None) is not None:  # quantize.py's packed integer format
+        from models.quant.io import save_quantized
+
+        return save_quantized(backbone, directory, tokenizer if isinstance(tokenizer, (str, Path)) else None)
     directory = Path(directory)
     problem = export_target_problem(directory)
     if problem:
@@ -97,9 +103,7 @@ def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path, tokeniz
     note = dense_in_transformers_warning(backbone.config)
     if note:
         warnings.warn(f"saving {directory}: {note}", UserWarning, stacklevel=3)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(backbone.config.to_hf_dict(), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
             json.dumps(generation_defaults(backbone.config, generation), indent=2) + "\n")
@@ -107,6 +111,18 @@ def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path, tokeniz
         save_file(hf_state_dict(backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if write_extra is not None:
             write_extra(tmp)
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path):
+    """Yield a temporary directory beside `directory`; when the block succeeds it takes `directory`'s
+    place (readers see the old directory or the whole new one); on failure it is removed."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        yield tmp
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -117,4 +133,3 @@ def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path, tokeniz
             tmp.rename(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return directory

@@ -304,6 +304,10 @@ def load_hf_checkpoint(cls, name_or_dir: str, expected: Optional[dict] = None, *
         if not hasattr(config, key):
             raise ValueError(f"unknown config field {key!r}")
         setattr(config, key, value)
+    if (directory / "quantization.json").is_file():  # written by quantize.py: packed integer weights
+        from models.quant.io import load_quantized
+
+        return load_quantized(cls, config, directory)
     model = cls(config)
     load_state_into(model.backbone, directory)
     return model

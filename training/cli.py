@@ -177,6 +177,12 @@ def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
                    help="freeze part of the model: embeddings; first-half (embeddings + first half of the layers); "
                         "first-n (embeddings + first --freeze_layers layers); all-but-head (train the task head only)")
     g.add_argument("--freeze_layers", type=int, default=None, metavar="N", help="layers frozen by --freeze first-n")
+    g.add_argument("--qat", choices=["none", "int8", "int4"], default="none",
+                   help="quantization-aware training: every block linear layer computes with its weights fake-"
+                        "quantized (straight-through gradients), so the model survives quantize.py's int8/int4; "
+                        "docs/quantization.md")
+    g.add_argument("--qat_group_size", type=int, default=128,
+                   help="--qat int4: weights per scale group (must divide the layer widths; 64 for the tiny model)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute each transformer layer in the backward pass: less activation memory, ~1/3 "
                         "more compute")

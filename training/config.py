@@ -185,9 +185,14 @@ class EfficiencyConfig:
     freeze: FreezeMode = "none"
     freeze_layers: Optional[int] = None  # with freeze = first-n
     grad_checkpointing: bool = False
+    qat: Literal["none", "int8", "int4"] = "none"  # quantization-aware training (fake-quantized linears)
+    qat_group_size: int = 128  # qat int4: weights per scale group (must divide the layer widths)
 
     def validate(self) -> None:
         check_choice("peft", self.peft, PeftMethod)
+        if self.qat not in ("none", "int8", "int4"):
+            raise ConfigError("qat", f"{self.qat!r} is not one of none, int8, int4")
+        check_number("qat_group_size", self.qat_group_size, low=1, integer=True)
         check_choice("freeze", self.freeze, FreezeMode)
         if self.peft == "lora":
             check_number("lora_r", self.lora_r, low=1, integer=True)
@@ -273,6 +278,8 @@ class RunConfig:
                               f"is not the matrix's factor, so it cannot run under fsdp: use DDP (drop --fsdp)")
         self.validate_export()
         check_choice("report_to", self.report_to, ReportTo)
+        if self.train.fsdp and self.efficiency.qat != "none":
+            raise ConfigError("qat", "fake quantization of sharded weights is not supported; drop --fsdp (DDP works)")
         if self.train.fsdp and self.efficiency.peft != "none":
             raise ConfigError("fsdp", "FSDP with peft lora is not supported (adapter-only checkpoints are not gathered "
                               "across shards); LoRA models are small enough for DistributedDataParallel: drop fsdp")

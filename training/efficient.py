@@ -374,7 +374,18 @@ def prepare_model(model: nn.Module, cfg, head: Optional[Iterable[str]] = None) -
         return done
     heads = list(head if head is not None else getattr(model, "head_modules", ()))
     applied = {"peft": cfg.peft, "freeze": cfg.freeze, "grad_checkpointing": bool(cfg.grad_checkpointing),
-               "merge_lora": bool(cfg.merge_lora)}
+               "merge_lora": bool(cfg.merge_lora), "qat": getattr(cfg, "qat", "none")}
+    if getattr(_backbone(model), "quantization", None) is not None and cfg.peft != "none":
+        raise ConfigError("peft", "the model is quantized (a quantize.py output): its weights are integer buffers "
+                          "that adapters cannot wrap; fine-tune the fp32 model, with --qat to prepare it for quantizing")
+    if applied["qat"] != "none":  # before LoRA: the adapters wrap the fake-quantized layers
+        from models.quant.qat import prepare_qat, qat_spec
+
+        try:
+            prepare_qat(_backbone(model), qat_spec(cfg.qat, cfg.qat_group_size))
+        except ValueError as exc:
+            raise ConfigError("qat_group_size" if "group" in str(exc) else "qat", str(exc)) from None
+        applied["qat_group_size"] = cfg.qat_group_size if cfg.qat == "int4" else None
     if cfg.peft == "lora":
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, modules_to_save=heads)
         applied["lora"] = lora_settings(model).to_dict()
