@@ -375,7 +375,7 @@ def prepare_model(model: nn.Module, cfg, head: Optional[Iterable[str]] = None) -
     heads = list(head if head is not None else getattr(model, "head_modules", ()))
     applied = {"peft": cfg.peft, "freeze": cfg.freeze, "grad_checkpointing": bool(cfg.grad_checkpointing),
                "merge_lora": bool(cfg.merge_lora), "qat": getattr(cfg, "qat", "none")}
-    if getattr(_backbone(model), "quantization", None) is not None and cfg.peft != "none":
+    if cfg.peft != "none" and getattr(_backbone(model), "quantization", None) is not None:
         raise ConfigError("peft", "the model is quantized (a quantize.py output): its weights are integer buffers "
                           "that adapters cannot wrap; fine-tune the fp32 model, with --qat to prepare it for quantizing")
     if applied["qat"] != "none":  # before LoRA: the adapters wrap the fake-quantized layers
