@@ -106,7 +106,7 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
     task = TrainTask(name, [len(s) for s in seqs["train"]], make_batch, loss_fn, evaluate, metric="accuracy")
     trainer = run.trainer(model, task, sub=name)
     trainer.log.write("truncation", truncated=truncation, max_length=max_length)
-    result = trainer.fit()
+    result = run.fit(model, task, sub=name, trainer=trainer)  # + --export_hf DIR/{name}
     if result.interrupted:
         return None
     model.eval()

@@ -8,7 +8,8 @@ blocks of `--max_length` tokens (`lm.corpus.pack_blocks`; the last partial block
 dropped).  Training runs on the shared trainer (`training/`: AdamW, warm-up + linear decay,
 precision, accumulation, checkpoints, `--resume`, metrics.jsonl); after every epoch the valid loss
 and perplexity are reported and the best epoch is kept.  The best model is saved in Hugging Face
-format to `RUN_DIR/model` (with the tokenizer files), which every script loads with
+format to `RUN_DIR/model` (with the tokenizer files; with `--qat int8|int4` also the quantized model
+to `RUN_DIR/model-int8|int4`), which every script loads with
 `--init_checkpoint RUN_DIR/model` (or `--model_size RUN_DIR/model`) -- e.g. poetry pretraining, then sonnet fine-tuning:
 
     python pretrain.py --model_size gpt2 --corpus data/poetry/PoetryFoundationData.csv --run_dir runs/pretrain/poetry --use_gpu
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,10 +32,8 @@ from evaluation.perplexity import perplexity
 from lm.corpus import FORMATS, join_documents, pack_blocks, read_documents, split_documents
 from models.gpt2 import GPT2LMHeadModel
 from models.losses import block_loss_sum
-from models.tokenizer import TOKENIZER_FILES, resolve_tokenizer_dir
 from training.build import autocast
 from training.cli import UsageError, add_common_args, entry_point
-from training.config import ModelConfig
 from training.runner import ScriptRun
 from training.task import TrainTask
 
@@ -80,15 +78,6 @@ def build_blocks(args, run: ScriptRun, block_size: int) -> dict[str, torch.Tenso
     return blocks
 
 
-def copy_tokenizer_files(cfg: ModelConfig, model_dir: Path) -> None:
-    """vocab.json + merges.txt next to the weights, so the saved directory is self-contained
-    (`models.tokenizer` looks in the model directory when no tokenizer is given)."""
-    source = resolve_tokenizer_dir(cfg.tokenizer, None if cfg.random_init else cfg.spec)
-    if Path(source).is_dir():
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(Path(source) / name, Path(model_dir) / name)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = ScriptRun.start("pretrain", args, data=("corpus",))
@@ -117,12 +106,21 @@ def main(argv=None) -> dict:
         print_epochs(run)
         run.say(f"stopped early; continue with --resume {run.run_dir}")
         return {"run_dir": run.run_dir, "interrupted": True}
-    model_dir = model.save_pretrained(run.run_dir / "model")  # before anything else can fail
-    copy_tokenizer_files(run.cfg.model, model_dir)
-    epochs = print_epochs(run)
+    model_dir = model.save_pretrained(run.run_dir / "model", tokenizer=run.tokenizer)  # before anything else can fail
+    out = {"run_dir": run.run_dir, "model_dir": model_dir, "best": result.best_metrics}
+    if run.cfg.efficiency.qat != "none":  # the deployable model: the very weights training computed with
+        import copy
+
+        from models.quant.qat import convert_qat
+
+        out["quantized_dir"] = convert_qat(copy.deepcopy(model)).save_pretrained(
+            run.run_dir / f"model-{run.cfg.efficiency.qat}", tokenizer=run.tokenizer)
+        run.say(f"saved the quantized model (--qat {run.cfg.efficiency.qat}) to {out['quantized_dir']}: "
+                f"load it with --model_size {out['quantized_dir']}")
+    out["epochs"] = print_epochs(run)
     run.say(f"best epoch {result.best_epoch}: valid ppl {result.best_metrics['valid_ppl']:.2f}; "
             f"saved {model_dir} (start a task script from it with --init_checkpoint {model_dir})")
-    return {"run_dir": run.run_dir, "model_dir": model_dir, "best": result.best_metrics, "epochs": epochs}
+    return out
 
 
 def print_epochs(run: ScriptRun) -> list[dict]:

@@ -11,7 +11,8 @@ see an argparse namespace.  Validation errors are `ConfigError`s naming the FIEL
                       rules, run directory behaviour, speed switches
     EfficiencyConfig  parameter- and memory-efficient fine-tuning: LoRA, freezing, checkpointing
     GenerationConfig  a decoding strategy and its settings -> keyword arguments of `generate()`
-    RunConfig         the three plus the device and the run's resume signature
+    RunConfig         the three plus the device, the run's resume signature, the experiment tracker
+                      (`report_to`) and a sweep's control directory (`sweep_control`)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ ScheduleName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
 PeftMethod = Literal["none", "lora", "reft"]
 FreezeMode = Literal["none", "embeddings", "first-half", "first-n", "all-but-head"]
 Decoding = Literal["greedy", "sample", "top-k", "top-p", "top-k-p", "beam"]
+ReportTo = Literal["none", "tensorboard", "wandb"]  # experiment trackers fed from the metrics log
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -69,6 +71,7 @@ class ModelConfig:
     attention_window: Optional[int] = None
     sparse_layers: Optional[str] = None
     attention_backend: Optional[str] = None
+    attention_global_tokens: Optional[int] = None
 
     @property
     def spec(self) -> str:
@@ -79,7 +82,8 @@ class ModelConfig:
         """GPT2Config field -> value for every override that was set."""
         out = {"hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout,
                "attention": self.attention, "attention_window": self.attention_window,
-               "sparse_layers": self.sparse_layers, "attention_backend": self.attention_backend}
+               "sparse_layers": self.sparse_layers, "attention_backend": self.attention_backend,
+               "attention_global_tokens": self.attention_global_tokens}
         return {k: v for k, v in out.items() if v is not None}
 
     def validate(self) -> None:
@@ -94,6 +98,7 @@ class ModelConfig:
         check_number("max_length", self.max_length, low=8, integer=True, optional=True)
         for name in ("hidden_dropout", "attention_dropout"):
             check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True, optional=True)
+        check_number("attention_global_tokens", self.attention_global_tokens, low=0, integer=True, optional=True)
         if self.attention is not None or self.attention_backend is not None or self.attention_window is not None \
                 or self.sparse_layers is not None:
             from modules.attention_patterns import BACKENDS, PATTERNS, parse_sparse_layers
@@ -183,9 +188,14 @@ class EfficiencyConfig:
     freeze: FreezeMode = "none"
     freeze_layers: Optional[int] = None  # with freeze = first-n
     grad_checkpointing: bool = False
+    qat: Literal["none", "int8", "int4"] = "none"  # quantization-aware training (fake-quantized linears)
+    qat_group_size: int = 128  # qat int4: weights per scale group (must divide the layer widths)
 
     def validate(self) -> None:
         check_choice("peft", self.peft, PeftMethod)
+        if self.qat not in ("none", "int8", "int4"):
+            raise ConfigError("qat", f"{self.qat!r} is not one of none, int8, int4")
+        check_number("qat_group_size", self.qat_group_size, low=1, integer=True)
         check_choice("freeze", self.freeze, FreezeMode)
         if self.peft == "lora":
             check_number("lora_r", self.lora_r, low=1, integer=True)
@@ -270,6 +280,10 @@ class RunConfig:
     run_dir: Optional[str] = None
     # The settings a resumed run must share with the run it continues ({flag: value}); made by the CLI.
     signature: dict = field(default_factory=dict)
+    export_hf: Optional[str] = None  # after training: the model as a complete Hugging Face directory
+    export_allow_dense: bool = False  # export a sparse-attention model although transformers runs it dense
+    report_to: ReportTo = "none"  # also mirror metrics.jsonl to TensorBoard event files or wandb
+    sweep_control: Optional[str] = None  # set by sweep.py: where the trial reports epochs and reads prune decisions
 
     def validate(self) -> "RunConfig":
         self.model.validate()
@@ -278,10 +292,32 @@ class RunConfig:
         if self.train.fsdp and self.train.optimizer in ("soap", "shampoo"):
             raise ConfigError("optimizer", f"{self.train.optimizer} preconditions whole matrices; a shard's Gram matrix "
                               f"is not the matrix's factor, so it cannot run under fsdp: use DDP (drop --fsdp)")
+        self.validate_export()
+        check_choice("report_to", self.report_to, ReportTo)
+        if self.train.fsdp and self.efficiency.qat != "none":
+            raise ConfigError("qat", "fake quantization of sharded weights is not supported; drop --fsdp (DDP works)")
         if self.train.fsdp and self.efficiency.peft != "none":
             raise ConfigError("fsdp", "FSDP with peft lora is not supported (adapter-only checkpoints are not gathered "
                               "across shards); LoRA models are small enough for DistributedDataParallel: drop fsdp")
         return self
+
+    def validate_export(self) -> None:
+        """Before any work: the export directory is safe to (re)place, and a sparse pattern asked for by
+        the flags is not exported to transformers (which would run it dense) unless allowed.  A pattern
+        that comes from a checkpoint's config.json is checked once the model is built (ScriptRun.build)."""
+        if self.export_hf is None:
+            if self.export_allow_dense:
+                raise ConfigError("export_allow_dense", "goes with export_hf (it allows exporting a sparse model)")
+            return
+        from models.hf_export import export_target_problem
+
+        problem = export_target_problem(self.export_hf)
+        if problem:
+            raise ConfigError("export_hf", problem)
+        if self.model.attention not in (None, "dense") and not self.export_allow_dense:
+            raise ConfigError("export_hf", f"the model will use {self.model.attention} attention, which transformers "
+                              f"does not have: the exported model would run dense there. Set export_allow_dense "
+                              f"to export it anyway (config.json records the pattern; our loader restores it)")
 
     def to_dict(self) -> dict:
         return asdict(self)
