@@ -272,10 +272,38 @@ def test_adapter_checkpoint_round_trip_through_the_one_loader(tmp_path):
         apply_reft(lm)
 
 
+def test_interventions_load_onto_a_quantized_base(tmp_path):
+    """The deployment route of a ReFT run on a quantized model (--qat with reft is refused: it would
+    fake-quantize only frozen weights): quantize the frozen base (quantize.py's round-to-nearest) and
+    load the run's adapter checkpoint onto it through the one loader; the result is the quantized
+    layers with the paper's formula applied by hand at the chosen positions."""
+    from models import quant
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny()).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_reft(model, rank=2, layers="0,2", positions="l2")
+    perturb(model)
+    checkpoint.save_atomic({"model": reft_state(model)}, tmp_path / "best.pt")
+    deployed = GPT2LMHeadModel(tiny())
+    deployed.load_state_dict(base)
+    quant.quantize_linears(deployed.eval(), quant.qat_spec("int8"))
+    checkpoint.load_weights(deployed, tmp_path)
+    assert reft_settings(deployed) == reft_settings(model)
+    assert all(isinstance(m, quant.QuantizedLinear) for m in quant.linear_layers(deployed).values())
+    ids, mask = right_padded()
+    sel = select_positions(mask.bool(), ids.size(1), parse_positions("l2"), ids.device)
+    with torch.no_grad():
+        got = deployed.gpt(ids, mask)["last_hidden_state"]
+        torch.testing.assert_close(got, reference_encode(deployed, ids, mask, sel), rtol=1e-5, atol=1e-5)
+        assert (got - reference_encode(deployed, ids, mask, torch.zeros_like(sel))).abs().max() > 1e-2
+        assert (got - model.gpt(ids, mask)["last_hidden_state"]).abs().max() < 0.1  # int8 stays close to fp32
+
+
 def test_config_errors_name_the_field():
     for kwargs, field in (({"reft_positions": "x3"}, "reft_positions"), ({"reft_layers": "1,a"}, "reft_layers"),
                           ({"reft_rank": 0}, "reft_rank"), ({"merge_lora": True}, "merge_lora"),
-                          ({"freeze": "all-but-head"}, "peft")):
+                          ({"freeze": "all-but-head"}, "peft"), ({"qat": "int8"}, "qat")):
         with pytest.raises(ConfigError) as exc:
             EfficiencyConfig(peft="reft", **kwargs).validate()
         assert exc.value.field == field

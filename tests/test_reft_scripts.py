@@ -118,3 +118,70 @@ def test_pretrain_reft_resumes_exactly(tmp_path, tokenizer_dir, monkeypatch):
         "gpt.gpt_layers.1.reft.rotation.parametrizations.weight.original", "gpt.gpt_layers.1.reft.source.weight",
         "gpt.gpt_layers.1.reft.source.bias"}
     assert all(torch.equal(last[0]["tensors"][k], last[1]["tensors"][k]) for k in last[0]["tensors"])
+    # Adapter-only on disk: one layer's (R, W, b) at rank 4 against the saved 3.3 M-parameter base.
+    assert (tmp_path / "a" / "best.pt").stat().st_size < 0.01 * (tmp_path / "a" / "model" / "model.safetensors").stat().st_size
+
+
+def test_generate_py_applies_a_pretrain_runs_interventions(tmp_path, tokenizer_dir, monkeypatch):
+    """generate.py --model_size RUN/model --checkpoint RUN: the saved frozen base + the run's
+    interventions, greedy text = a full-recomputation greedy loop of the one loader's model."""
+    import generate
+    import pretrain
+    from models.gpt2 import GPT2LMHeadModel
+    from models.tokenizer import load_tokenizer
+    from training.checkpoint import load_model
+
+    monkeypatch.setenv("GPT2_TOKENIZER_DIR", str(tokenizer_dir))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the rose is red and line {i} is true" for i in range(60)) + "\n")
+    run = tmp_path / "run"
+    pretrain.main(["--model_size", "tiny", "--corpus", str(corpus), "--max_length", "16", "--epochs", "1",
+                   "--batch_size", "2", "--limit", "8", "--lr", "3e-2", "--no_progress", "--peft", "reft",
+                   "--reft_positions", "all", "--reft_rank", "4", "--run_dir", str(run)])
+    rows = generate.main(["--model_size", str(run / "model"), "--checkpoint", str(run), "--prompt", "the rose is",
+                          "--decoding", "greedy", "--max_new_tokens", "6", "--tokenizer", str(tokenizer_dir)])
+    tok = load_tokenizer(str(tokenizer_dir))
+    model = load_model(GPT2LMHeadModel, str(run / "model"), run)
+    base = load_model(GPT2LMHeadModel, str(run / "model"))
+    ids = torch.tensor([tok.encode("the rose is")])
+    with torch.no_grad():
+        assert (model(ids) - base(ids)).abs().max() > 1e-3  # the interventions trained and are applied
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert rows[0]["text"] == tok.decode(ids[0].tolist())
+
+
+def test_bad_reft_values_exit_2_naming_the_flag(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """Every script: a bad --reft_* / --qat value ends with status 2 and one line naming the flag,
+    whether refused by the config (before any work) or by prepare_model (layer / rank out of range)."""
+    import pytest
+
+    import classifier
+    import paraphrase_detection
+    import pretrain
+    import sonnet_generation
+    from training.cli import FIELD_FLAGS, entry_point
+
+    monkeypatch.setenv("GPT2_TOKENIZER_DIR", str(tokenizer_dir))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the rose is red and line {i} is true" for i in range(40)) + "\n")
+    para = [a for f in ("train", "dev", "test") for a in (f"--para_{f}", str(corpus))] + [
+        "--para_dev_out", str(tmp_path / "d.csv"), "--para_test_out", str(tmp_path / "t.csv")]  # files checked first
+    sonnet = [a for f in ("sonnet_path", "held_out_sonnet_path", "held_out_dev_path", "gold_dev_path")
+              for a in (f"--{f}", str(corpus))] + ["--sonnet_out", str(tmp_path / "s.txt"),
+                                                   "--sonnet_dev_out", str(tmp_path / "sd.txt")]
+    cases = [(module, [*extra, *bad], flag) for module, extra in (
+        (classifier, ["--fine-tune-mode", "full-model"]), (paraphrase_detection, para), (sonnet_generation, sonnet),
+        (pretrain, ["--corpus", str(corpus)])) for bad, flag in (
+        (["--reft_positions", "last4"], "--reft_positions"), (["--reft_layers", "1,x"], "--reft_layers"),
+        (["--reft_rank", "0"], "--reft_rank"), (["--qat", "int8"], "--qat"))]
+    run_common = ["--corpus", str(corpus), "--max_length", "16", "--limit", "4", "--batch_size", "2",
+                  "--epochs", "1", "--no_progress", "--model_size", "tiny"]
+    cases += [(pretrain, [*run_common, "--run_dir", str(tmp_path / f"r{i}"), *bad], flag) for i, (bad, flag) in
+              enumerate(((["--reft_layers", "7"], "--reft_layers"), (["--reft_rank", "4096"], "--reft_rank")))]
+    for module, argv, flag in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            entry_point(module.main, getattr(module, "FIELD_FLAGS", FIELD_FLAGS))(["--peft", "reft", *argv])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "\n" not in err and "Traceback" not in err, (argv, err)
+        assert f"error: {flag}" in err, (argv, err)

@@ -224,6 +224,10 @@ class EfficiencyConfig:
                     raise ConfigError(name, str(exc).removeprefix(f"{name} ")) from None
             if self.freeze == "all-but-head":
                 raise ConfigError("peft", "reft with freeze all-but-head would freeze every intervention; drop one")
+            if self.qat != "none":  # QAT trains weights through fake quantization; ReFT trains none of them
+                raise ConfigError("qat", "reft freezes every linear layer, so fake-quantizing them trains nothing for "
+                                  "the quantized model: train the interventions on the fp32 base, quantize the base "
+                                  "with quantize.py and load the run onto it (--model_size DIR2/int8 or int4)")
         if (self.freeze == "first-n") != (self.freeze_layers is not None):
             raise ConfigError("freeze_layers", "goes with freeze first-n (and freeze first-n needs freeze_layers)")
         check_number("freeze_layers", self.freeze_layers, low=1, integer=True, optional=True)
