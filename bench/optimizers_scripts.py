@@ -9,6 +9,8 @@ and the wall clock; `epoch` records: the dev metric and the training seconds).  
   vocabulary, one epoch over `--pretrain_blocks` packed blocks of `--max_length` tokens);
 * `classifier`: `classifier.py --datasets sst --model_size tiny --fine-tune-mode full-model --limit N`.
 
+`--model_size` / `--device` (default tiny / cpu) go to every run of both suites.
+
 Per run: the loss curve, smoothed as the mean of the last `--smooth` step records (= `--smooth` x
 LOG_EVERY batches).  The target is the smoothed train loss AdamW reaches at its last record (median
 over the repeats); reported per optimizer and repeat: the first step whose smoothed loss is <= the
@@ -50,13 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="NAME=LR per optimizer (default: the best rates of bench/optimizers.py on PTB)")
     p.add_argument("--classifier_lr", nargs="+", default=["adamw=1e-3", "soap=3e-3", "shampoo=1e-3"])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--pretrain_blocks", type=int, default=1600, help="--limit of pretrain.py (training blocks)")
+    p.add_argument("--pretrain_blocks", type=int, default=2400, help="--limit of pretrain.py (training blocks)")
     p.add_argument("--max_length", type=int, default=32, help="pretrain block length")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--classifier_limit", type=int, default=2000)
     p.add_argument("--classifier_epochs", type=int, default=2)
     p.add_argument("--smooth", type=int, default=3, help="step records averaged into the smoothed loss")
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of each run")
+    p.add_argument("--model_size", default="tiny", help="--model_size of every run (e.g. gpt2 on a GPU)")
+    p.add_argument("--device", default="cpu", help="--device of every run")
     p.add_argument("--data", type=Path, default=DATA, help="the shared data directory (ptb/, cs224n/)")
     p.add_argument("--name", default="optimizers-scripts", help="results file bench/results/NAME.json")
     p.add_argument("--report", type=Path, nargs="+", default=None, metavar="JSON",
@@ -73,8 +77,8 @@ def rates(items: list[str]) -> dict[str, float]:
 
 
 def command(suite: str, optimizer: str, lr: float, run_dir: Path, args) -> list[str]:
-    common = ["--model_size", "tiny", "--optimizer", optimizer, "--lr", str(lr), "--batch_size",
-              str(args.batch_size), "--no_progress", "--run_dir", str(run_dir), "--device", "cpu"]
+    common = ["--model_size", args.model_size, "--optimizer", optimizer, "--lr", str(lr), "--batch_size",
+              str(args.batch_size), "--no_progress", "--run_dir", str(run_dir), "--device", args.device]
     if suite == "pretrain":
         return [sys.executable, "pretrain.py", "--corpus", str(args.data / "ptb" / "ptb.train.txt"), "--epochs", "1",
                 "--max_length", str(args.max_length), "--limit", str(args.pretrain_blocks), *common]
