@@ -20,7 +20,7 @@ def only_interventions(ckpt, heads=()):
         ".reft." in k or k.startswith(tuple(f"{h}." for h in heads)) for k in ckpt["tensors"])
 
 
-def test_classifier_reft_resumes_exactly(tmp_path, tokenizer_dir):
+def test_classifier_reft_with_soap_resumes_exactly(tmp_path, tokenizer_dir):
     import classifier
 
     files = []
@@ -28,7 +28,8 @@ def test_classifier_reft_resumes_exactly(tmp_path, tokenizer_dir):
         path = write_sentiment(tmp_path / f"{split}.csv", keyword_sentiment(n, len(files)), test=test)
         files += [f"--cfimdb_{split}", str(path)]
     common = [*FAST, "--tokenizer", str(tokenizer_dir), "--datasets", "cfimdb", "--fine-tune-mode", "full-model",
-              "--epochs", "2", "--limit", "8", "--lr", "1e-2", "--reft_positions", "l2", "--reft_layers", "odd", *files]
+              "--epochs", "2", "--limit", "8", "--lr", "1e-2", "--reft_positions", "l2", "--reft_layers", "odd",
+              "--optimizer", "soap", "--precondition_frequency", "1", *files]  # R, W: preconditioned, in the checkpoint
 
     def run(name, *extra):
         return classifier.main([*common, "--run_dir", str(tmp_path / name / "run"),
