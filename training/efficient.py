@@ -392,8 +392,9 @@ def prepare_model(model: nn.Module, cfg, head: Optional[Iterable[str]] = None) -
     applied = {"peft": cfg.peft, "freeze": cfg.freeze, "grad_checkpointing": bool(cfg.grad_checkpointing),
                "merge_lora": bool(cfg.merge_lora), "qat": getattr(cfg, "qat", "none")}
     if cfg.peft != "none" and getattr(_backbone(model), "quantization", None) is not None:
-        raise ConfigError("peft", "the model is quantized (a quantize.py output): its weights are integer buffers "
-                          "that adapters cannot wrap; fine-tune the fp32 model, with --qat to prepare it for quantizing")
+        raise ConfigError("peft", f"{cfg.peft} on a quantized model (a quantize.py output) is not supported: its "
+                          f"weights are integer buffers; fine-tune the fp32 model (with --qat to prepare it for "
+                          f"quantizing), or load a ReFT run onto the quantized base for prediction")
     if applied["qat"] != "none":  # before LoRA: the adapters wrap the fake-quantized layers
         from models.quant.qat import prepare_qat, qat_spec
 
