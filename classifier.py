@@ -27,7 +27,8 @@ from tasks.data import read_sentiment, write_sentiment_predictions
 from tasks.leaderboard import PREDICTIONS_DIR, sentiment_file
 from tasks.sentiment import DATASETS, FINE_TUNE_MODES, GPT2SentimentClassifier, encode_texts
 from training.batching import pad_right
-from training.cli import UsageError, add_common_args, check_file_flags, entry_point
+from objectives.smart import smart_objective
+from training.cli import UsageError, add_common_args, add_smart_args, check_file_flags, entry_point, smart_config
 from training.distributed import is_main
 from training.inference import batched_inference
 from training.runner import ScriptRun
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(f"--{name}_{split}", default=f"data/ids-{name}-{file}.csv", help=f"{name.upper()} {split} file")
     p.add_argument("--predictions_dir", default=PREDICTIONS_DIR,
                    help="where {mode}-{dataset}-{dev,test}-out.csv are written")
+    add_smart_args(p)
     add_common_args(p, epochs=10, batch_size=8, lr=1e-3)
     args = p.parse_args(argv)
     if args.fine_tune_mode == "last-linear-layer":
@@ -92,7 +94,12 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
         ids, mask = pad_right([seqs["train"][i] for i in indices], pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum())}
 
+    smart = smart_objective(smart_config(args), lambda m, b: m(b["input_ids"], b["attention_mask"]))
+
     def loss_fn(model, batch):
+        if smart is not None:  # --smart_lambda / --bregman_mu: SMART's terms on the same clean logits
+            logits, penalty, logs = smart.forward(model, batch)
+            return F.cross_entropy(logits.float(), batch["labels"]) + penalty, batch["tokens"], logs
         logits = model(batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits.float(), batch["labels"]), batch["tokens"]
 
@@ -103,7 +110,8 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
     def evaluate(model):
         return accuracy_macro_f1(predict(model, "dev"), [e.label for e in splits["dev"]], num_labels)
 
-    task = TrainTask(name, [len(s) for s in seqs["train"]], make_batch, loss_fn, evaluate, metric="accuracy")
+    task = TrainTask(name, [len(s) for s in seqs["train"]], make_batch, loss_fn, evaluate, metric="accuracy",
+                     callbacks=[smart] if smart else [])
     trainer = run.trainer(model, task, sub=name)
     trainer.log.write("truncation", truncated=truncation, max_length=max_length)
     result = trainer.fit()
@@ -123,6 +131,7 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    smart_config(args)  # checked before any work
     check_file_flags(*file_flags(args))
     run = ScriptRun.start("classifier", args, resume_free=OUTPUT_FLAGS,
                           data=[f"{name}_{split}" for name in args.datasets for split in ("train", "dev")])

@@ -28,8 +28,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from common.errors import DataError
 from distillation.impossible import stats_path, write_stats
 from models.gpt2 import GPT2LMHeadModel
@@ -74,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--init_weights", default=None, metavar="RUN",
                    help="start from (and take as the reference) the weights of a training run of the task script "
                         "(its directory or .pt; LoRA adapters are merged in first), on top of --model_size")
-    t.add_argument("--beta", type=float, default=0.1, help="DPO's beta: the strength of the implicit KL to the reference")
+    t.add_argument("--beta", type=float, default=0.1,
+                   help="DPO's beta: the strength of the implicit KL to the reference")
     t.add_argument("--label_smoothing", type=float, default=0.0,
                    help="conservative DPO: the assumed probability that a preference is flipped, in [0, 0.5)")
     t.add_argument("--dpo_loss", choices=["sigmoid", "ipo"], default="sigmoid",
@@ -172,7 +171,8 @@ def run_train(args) -> dict | None:
     check_file_flags({"--pairs": args.pairs, "--dev_pairs": args.dev_pairs, "--init_weights": args.init_weights})
     run = ScriptRun.start("dpo", args, data=("pairs", "dev_pairs"))
     needs = ("sentence1", "sentence2") if args.task == "paraphrase" else ()
-    records = {"train": run.limit(P.read_pairs(args.pairs, needs)), "dev": run.limit(P.read_pairs(args.dev_pairs, needs))}
+    records = {split: run.limit(P.read_pairs(path, needs)) for split, path in (("train", args.pairs),
+                                                                               ("dev", args.dev_pairs))}
     model = run.build(GPT2LMHeadModel)
     if args.init_weights:
         start_from(model, args.init_weights)

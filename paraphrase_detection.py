@@ -40,7 +40,8 @@ from tasks.data import read_paraphrase, write_paraphrase_predictions
 from tasks.leaderboard import default_path, paraphrase_file
 from tasks.paraphrase import LABEL_TOKENS, encode_pairs, two_way_logits
 from training.batching import pad_right
-from training.cli import UsageError, add_common_args, check_file_flags, entry_point
+from objectives.smart import smart_objective
+from training.cli import UsageError, add_common_args, add_smart_args, check_file_flags, entry_point, smart_config
 from training.distributed import is_main
 from training.efficient import frozen_copy
 from training.inference import batched_inference
@@ -66,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loss weight of each synthetic pair (real pairs weigh 1)")
     g.add_argument("--kl_lambda", type=float, default=0.0,
                    help="weight of KL(model || frozen initial model) on the yes/no distribution (0: off)")
+    add_smart_args(p)
     add_common_args(p, epochs=10, batch_size=8, lr=1e-5)
     args = p.parse_args(argv)
     if not 0 < args.synthetic_weight < float("inf"):
@@ -81,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    smart_config(args)  # checked before any work
     check_file_flags({"--para_train": None if args.para_train == "none" else args.para_train,
                       "--para_dev": args.para_dev, "--para_test": args.para_test,
                       "--synthetic_train": args.synthetic_train},
@@ -123,14 +126,19 @@ def main(argv=None) -> dict | None:
         return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum()),
                 "weights": train_weights[indices]}
 
+    smart = smart_objective(smart_config(args), lambda m, b: two_way_logits(m, b["input_ids"], b["attention_mask"]))
+
     def loss_fn(model, batch):
-        logits = two_way_logits(model, batch["input_ids"], batch["attention_mask"])
+        if smart is not None:  # --smart_lambda / --bregman_mu: SMART's terms on the same clean logits
+            logits, penalty, logs = smart.forward(model, batch)
+        else:
+            logits, penalty, logs = two_way_logits(model, batch["input_ids"], batch["attention_mask"]), 0.0, {}
         ref_logits = None
         if reference is not None:
             with torch.no_grad():
                 ref_logits = two_way_logits(reference, batch["input_ids"], batch["attention_mask"])
         loss = synthetic.paraphrase_loss(logits, batch["labels"], batch["weights"], ref_logits, args.kl_lambda)
-        return loss, batch["tokens"]
+        return loss + penalty, batch["tokens"], logs
 
     def predict(model, split) -> list[int]:
         logits = batched_inference(seqs[split], batch_size, pad_id, run.device, precision,
@@ -141,7 +149,8 @@ def main(argv=None) -> dict | None:
         preds = predict(model, "dev")
         return accuracy_binary_f1([preds[i] for i in dev_scored], [splits["dev"][i].label for i in dev_scored])
 
-    task = TrainTask("para", [len(seqs["train"][i]) for i in trainable], make_batch, loss_fn, evaluate, metric="accuracy")
+    task = TrainTask("para", [len(seqs["train"][i]) for i in trainable], make_batch, loss_fn, evaluate,
+                     metric="accuracy", callbacks=[smart] if smart else [])
     result = run.fit(model, task)
     if result.interrupted:
         return None

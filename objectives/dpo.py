@@ -111,7 +111,8 @@ def fit_to_length(prompt: list[int], longest_response: int, max_length: int) -> 
     return min(len(prompt), max(max_length // 2, max_length - longest_response))
 
 
-def encode_text_pairs(tokenizer, records: Sequence[dict], max_length: int, append_eos: bool) -> tuple[EncodedPairs, int]:
+def encode_text_pairs(tokenizer, records: Sequence[dict], max_length: int,
+                      append_eos: bool) -> tuple[EncodedPairs, int]:
     """Prompts and responses tokenised separately (the response's first token never merges with the
     prompt's last), each response + EOS when `append_eos`; (pairs, number truncated)."""
     encode = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731

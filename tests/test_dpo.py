@@ -193,7 +193,8 @@ def test_dpo_script_trains_logs_rewards_and_resumes_exactly(tmp_path, tokenizer_
     assert full["reward_accuracy_truncate"] == 1.0 and full["reward_margin"] > 0
     log = read_jsonl_log(tmp_path / "a" / "metrics.jsonl")
     epoch = [r for r in log if r["event"] == "epoch"][0]
-    assert {"train_reward_accuracy", "train_reward_margin", "train_chosen_reward", "train_rejected_reward"} <= set(epoch)
+    terms = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+    assert {f"train_{k}" for k in terms} <= set(epoch)
     saved = checkpoint.load(tmp_path / "a" / "last.pt")["callbacks"][0]["values"]
     assert saved["train"].shape == (16, 2) and saved["dev"].shape == (6, 2)
     # The reference is the starting model: its log-probs, recomputed independently, equal the saved ones.

@@ -193,6 +193,29 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return cfg
 
 
+def add_smart_args(parser: argparse.ArgumentParser) -> None:
+    """SMART (objectives/smart.py) for the classification scripts -> `smart_config(args)`."""
+    g = parser.add_argument_group("SMART regularisation (Jiang et al., 2020; objectives/smart.py)")
+    g.add_argument("--smart_lambda", type=float, default=0.0,
+                   help="weight lambda_s of the smoothness-inducing adversarial regulariser: the symmetric KL "
+                        "between the predictions for clean and adversarially perturbed input embeddings (0: off)")
+    g.add_argument("--smart_eps", type=float, default=1e-5, help="infinity-norm radius eps of the perturbation")
+    g.add_argument("--smart_steps", type=int, default=1, help="projected gradient-ascent steps on the perturbation")
+    g.add_argument("--smart_step_size", type=float, default=1e-3, help="ascent step size eta")
+    g.add_argument("--smart_noise", type=float, default=1e-5, help="std sigma of the perturbation's random start")
+    g.add_argument("--bregman_mu", type=float, default=0.0,
+                   help="weight mu of the momentum Bregman proximal point term: the symmetric KL to the "
+                        "predictions of an EMA copy of the model (0: off)")
+    g.add_argument("--bregman_beta", type=float, default=0.99, help="momentum beta of the EMA copy")
+
+
+def smart_config(args: argparse.Namespace):
+    """The validated `objectives.smart.SmartConfig` of the SMART flags."""
+    from objectives.smart import SmartConfig
+
+    return _fill(SmartConfig, args).validate()
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_size: int = 8,
                     lr: float = 1e-5, model_size: str = "gpt2") -> argparse.ArgumentParser:
     """Every flag the training scripts share; each script passes its own defaults (the starter's)."""
