@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 from evaluation.metrics import accuracy_macro_f1
 from models.gpt2 import GPT2Model
+from objectives.smart import smart_objective
 from tasks.data import read_sentiment, write_sentiment_predictions
 from tasks.leaderboard import PREDICTIONS_DIR, sentiment_file
+from tasks.run_outputs import write_class_outputs
 from tasks.sentiment import DATASETS, FINE_TUNE_MODES, GPT2SentimentClassifier, encode_texts
 from training.batching import pad_right
-from objectives.smart import smart_objective
 from training.cli import UsageError, add_common_args, add_smart_args, check_file_flags, entry_point, smart_config
 from training.distributed import is_main
 from training.inference import batched_inference
@@ -103,9 +104,11 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
         logits = model(batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits.float(), batch["labels"]), batch["tokens"]
 
+    def class_logits(model, split) -> torch.Tensor:
+        return batched_inference(seqs[split], run.cfg.train.batch_size, pad_id, run.device, precision, model)
+
     def predict(model, split) -> list[int]:
-        logits = batched_inference(seqs[split], run.cfg.train.batch_size, pad_id, run.device, precision, model)
-        return logits.argmax(-1).tolist()
+        return class_logits(model, split).argmax(-1).tolist()
 
     def evaluate(model):
         return accuracy_macro_f1(predict(model, "dev"), [e.label for e in splits["dev"]], num_labels)
@@ -119,11 +122,14 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
         return None
     model.eval()
     for split in ("dev", "test"):
-        preds = predict(model, split)
+        logits = class_logits(model, split)
+        preds = logits.argmax(-1).tolist()
         path = Path(args.predictions_dir) / sentiment_file(args.fine_tune_mode, name, split)
         if is_main():  # under torchrun every rank holds all the gathered predictions; rank 0 writes
             write_sentiment_predictions(path, [e.id for e in splits[split]], preds, expected_rows=len(splits[split]))
             run.say(f"[{name}] wrote {len(preds)} {split} predictions to {path}")
+            write_class_outputs(run.run_dir, name, split, path.name, [e.id for e in splits[split]],
+                                logits.softmax(-1), [e.label for e in splits[split]])  # for ensemble.py
     dev = result.best_metrics
     run.say(f"[{name}] best epoch {result.best_epoch}: dev accuracy {dev['accuracy']:.4f}, dev macro F1 {dev['f1']:.4f}")
     return dev

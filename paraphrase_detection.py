@@ -36,11 +36,12 @@ from common.errors import DataError
 from distillation import synthetic
 from evaluation.metrics import accuracy_binary_f1
 from models.gpt2 import GPT2LMHeadModel
+from objectives.smart import smart_objective
 from tasks.data import read_paraphrase, write_paraphrase_predictions
 from tasks.leaderboard import default_path, paraphrase_file
+from tasks.run_outputs import write_class_outputs
 from tasks.paraphrase import LABEL_TOKENS, encode_pairs, two_way_logits
 from training.batching import pad_right
-from objectives.smart import smart_objective
 from training.cli import UsageError, add_common_args, add_smart_args, check_file_flags, entry_point, smart_config
 from training.distributed import is_main
 from training.efficient import frozen_copy
@@ -140,10 +141,12 @@ def main(argv=None) -> dict | None:
         loss = synthetic.paraphrase_loss(logits, batch["labels"], batch["weights"], ref_logits, args.kl_lambda)
         return loss + penalty, batch["tokens"], logs
 
+    def answer_logits(model, split) -> torch.Tensor:  # (N, 2): "no", "yes"
+        return batched_inference(seqs[split], batch_size, pad_id, run.device, precision,
+                                 lambda ids, mask: two_way_logits(model, ids, mask))
+
     def predict(model, split) -> list[int]:
-        logits = batched_inference(seqs[split], batch_size, pad_id, run.device, precision,
-                                   lambda ids, mask: two_way_logits(model, ids, mask))
-        return logits.argmax(-1).tolist()
+        return answer_logits(model, split).argmax(-1).tolist()
 
     def evaluate(model):
         preds = predict(model, "dev")
@@ -156,10 +159,13 @@ def main(argv=None) -> dict | None:
         return None
     model.eval()
     for split, out in (("dev", args.para_dev_out), ("test", args.para_test_out)):
-        tokens = LABEL_TOKENS[torch.tensor(predict(model, split))].tolist()
+        logits = answer_logits(model, split)
+        tokens = LABEL_TOKENS[logits.argmax(-1)].tolist()
         if is_main():  # under torchrun every rank holds all the gathered predictions; rank 0 writes
             write_paraphrase_predictions(out, [e.id for e in splits[split]], tokens, expected_rows=len(splits[split]))
             run.say(f"[para] wrote {len(tokens)} {split} predictions to {out}")
+            write_class_outputs(run.run_dir, "para", split, paraphrase_file(split), [e.id for e in splits[split]],
+                                logits.softmax(-1), [e.label for e in splits[split]])  # for ensemble.py
     dev = result.best_metrics
     run.say(f"[para] best epoch {result.best_epoch}: dev accuracy {dev['accuracy']:.4f}, dev F1 {dev['f1']:.4f}")
     return dev

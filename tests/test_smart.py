@@ -137,7 +137,8 @@ def test_classifier_with_smart_logs_both_terms_and_resumes_exactly(tmp_path, tok
     from common.io import read_jsonl_log
     from training import checkpoint
 
-    flags = ["--epochs", "2", "--smart_lambda", "1", "--smart_eps", "1e-3", "--bregman_mu", "1", "--bregman_beta", "0.5"]
+    flags = ["--epochs", "2", "--smart_lambda", "1", "--smart_eps", "1e-3", "--bregman_mu", "1",
+             "--bregman_beta", "0.5"]
     full = classifier_run(tmp_path, tokenizer_dir, tmp_path / "a", *flags)
     epochs = [r for r in read_jsonl_log(tmp_path / "a" / "cfimdb" / "metrics.jsonl") if r["event"] == "epoch"]
     assert all(e["train_smart_loss"] > 0 and e["train_bregman_loss"] >= 0 for e in epochs)
@@ -156,7 +157,8 @@ def test_paraphrase_detector_with_smart_and_lora(tmp_path, tokenizer_dir):
     import paraphrase_detection as script
     from common.io import read_jsonl_log
 
-    train, dev = (write_quora(tmp_path / f"{s}.csv", quora_pairs(n, seed)) for s, n, seed in (("t", 16, 1), ("d", 8, 2)))
+    train, dev = (write_quora(tmp_path / f"{s}.csv", quora_pairs(n, seed))
+                  for s, n, seed in (("t", 16, 1), ("d", 8, 2)))
     test = write_quora(tmp_path / "test.csv", quora_pairs(4, 3), labels=False)
     out = script.main(["--model_size", "tiny", "--no_progress", "--tokenizer", str(tokenizer_dir), "--epochs", "1",
                        "--para_train", str(train), "--para_dev", str(dev), "--para_test", str(test),
@@ -166,6 +168,14 @@ def test_paraphrase_detector_with_smart_and_lora(tmp_path, tokenizer_dir):
     assert 0 <= out["accuracy"] <= 1
     epoch = [r for r in read_jsonl_log(tmp_path / "run" / "metrics.jsonl") if r["event"] == "epoch"][0]
     assert epoch["train_smart_loss"] >= 0 and "train_bregman_loss" in epoch
+    # The (no, yes) probabilities saved for ensemble.py are the ones the dev predictions were made from.
+    from tasks.data import PARAPHRASE_HEADER, read_predictions
+    from tasks.run_outputs import outputs_path, read_outputs
+
+    saved = read_outputs(outputs_path(tmp_path / "run", "para", "dev"))
+    rows = read_predictions(tmp_path / "dev-out.csv", PARAPHRASE_HEADER, (8505, 3919))
+    assert [r[1] for r in rows] == [[3919, 8505][int(p[1] > p[0])] for p in saved.probs]
+    assert saved.prediction_file == "para-dev-output.csv" and saved.classes == 2
 
 
 def test_bad_smart_flags_name_the_flag(tmp_path, capsys):
