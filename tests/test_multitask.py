@@ -80,8 +80,8 @@ def data_files(d):
     files = []
     for task, k in (("sst", 5), ("cfimdb", 2)):
         for split, n, test in (("train", 12, False), ("dev", 6, False), ("test", 4, True)):
-            files += [f"--{task}_{split}", str(write_sentiment(d / f"{task}-{split}.csv", keyword_sentiment(n, k + n, k),
-                                                               test=test))]
+            rows = keyword_sentiment(n, k + n, k)
+            files += [f"--{task}_{split}", str(write_sentiment(d / f"{task}-{split}.csv", rows, test=test))]
     for split, n, labels in (("train", 20, True), ("dev", 6, True), ("test", 4, False)):
         files += [f"--para_{split}", str(write_quora(d / f"q-{split}.csv", quora_pairs(n, n), labels=labels))]
     return files
