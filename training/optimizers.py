@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from training.torch_optimizers import TORCH_OPTIMIZERS
 
 
 def _adamw(groups, cfg):
@@ -37,6 +38,7 @@ def _sgd(groups, cfg):
 # name -> builder(param groups, TrainConfig) -> torch.optim.Optimizer.  Group "weight_decay" values
 # are honoured by every optimiser (SGD: coupled L2, as torch's SGD defines it).
 OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "sgd": _sgd}
+OPTIMIZERS.update(TORCH_OPTIMIZERS)  # torch.optim's own (training/torch_optimizers.py)
 
 _LAYER = re.compile(r"(?:^|\.)gpt_layers\.(\d+)\.")
 
