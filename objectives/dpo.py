@@ -156,9 +156,16 @@ def pair_rows(pairs: EncodedPairs, indices: Sequence[int], pad_id: int) -> dict:
 
 
 def response_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) summed response log-probabilities of the chosen and of the rejected rows of `batch`."""
-    logits = model(batch["input_ids"], batch["attention_mask"])  # (2B, T, V)
-    logp = sequence_logprob(logits, batch["targets"])  # (2B,)
+    """(B,) summed response log-probabilities of the chosen and of the rejected rows of `batch` (a
+    GPT2LMHeadModel).  The output layer runs only at the K positions that predict a response token (the
+    prompt's and the padding's logits are never made: for a one-token answer that is 1 of T positions)."""
+    targets = batch["targets"]  # (2B, T)
+    hidden = model.gpt.encode(batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
+    keep = targets != IGNORE_INDEX
+    logits = model.gpt.hidden_state_to_token(hidden[keep])  # (K, V)
+    per_position = sequence_logprob(logits[:, None], targets[keep][:, None])  # (K,): each position its own row
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]  # (K,)
+    logp = per_position.new_zeros(targets.shape[0]).index_add(0, rows, per_position)  # (2B,)
     half = logp.shape[0] // 2
     return logp[:half], logp[half:]
 

@@ -22,15 +22,16 @@ RHYMES = [("day", "away"), ("night", "light"), ("heart", "part"), ("eyes", "skie
 FILL = "my love doth keep the sweet and golden hour upon thy face".split()
 
 
-def rhyming_sonnet(rng: random.Random) -> str:
-    """14 lines, ABAB CDCD EFEF GG, line-final words from rhyming pairs."""
+def rhyming_sonnet(rng: random.Random, words: tuple[int, int] = (4, 6)) -> str:
+    """14 lines, ABAB CDCD EFEF GG, line-final words from rhyming pairs, `words` filler words before them."""
     pairs = rng.sample(RHYMES, 7)
     ends = []
     for a, b in pairs[:3]:  # three quatrains
         c, d = rng.choice([p for p in RHYMES if p != (a, b)])
         ends += [a, c, b, d]
     ends += list(pairs[6])
-    return "\n".join(" ".join(rng.choice(FILL) for _ in range(rng.randint(4, 6))).capitalize() + f" {w}," for w in ends)
+    return "\n".join(" ".join(rng.choice(FILL) for _ in range(rng.randint(*words))).capitalize() + f" {w},"
+                     for w in ends)
 
 
 def models_from_hf(tmp_path):
@@ -164,8 +165,9 @@ def sonnet_pair_files(tmp_path, tokenizer_dir):
     import dpo
 
     rng = random.Random(4)
-    train = write_sonnets(tmp_path / "sonnets.txt", [(n, rhyming_sonnet(rng)) for n in range(1, 9)])
-    dev = write_sonnets(tmp_path / "dev.txt", [(n, rhyming_sonnet(rng)) for n in (132, 133, 134)])
+    short = (1, 2)  # short lines: fast steps
+    train = write_sonnets(tmp_path / "sonnets.txt", [(n, rhyming_sonnet(rng, short)) for n in range(1, 7)])
+    dev = write_sonnets(tmp_path / "dev.txt", [(n, rhyming_sonnet(rng, short)) for n in (132, 133)])
     for src, out in ((train, "train.jsonl"), (dev, "dev.jsonl")):
         dpo.main(["pairs", "--task", "sonnet", "--sonnets", str(src), "--kinds", "shuffle,truncate",
                   "--out", str(tmp_path / out)])
@@ -185,7 +187,7 @@ def test_dpo_script_trains_logs_rewards_and_resumes_exactly(tmp_path, tokenizer_
 
     train, dev = sonnet_pair_files(tmp_path, tokenizer_dir)
     records = P.read_pairs(train)
-    assert len(records) == 16 and json.loads((tmp_path / "train.jsonl.stats.json").read_text())["pairs"] == 16
+    assert len(records) == 12 and json.loads((tmp_path / "train.jsonl.stats.json").read_text())["pairs"] == 12
     full = dpo.main(dpo_train_args(tmp_path, tokenizer_dir, train, dev, tmp_path / "a", "--epochs", "2"))
     assert 0 <= full["reward_accuracy"] <= 1 and {"reward_accuracy_shuffle", "reward_accuracy_truncate"} <= set(full)
     # Learnt: a truncated sonnet (which stops early: EOS after its last line) is a rejected kind any model can
@@ -196,7 +198,7 @@ def test_dpo_script_trains_logs_rewards_and_resumes_exactly(tmp_path, tokenizer_
     terms = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
     assert {f"train_{k}" for k in terms} <= set(epoch)
     saved = checkpoint.load(tmp_path / "a" / "last.pt")["callbacks"][0]["values"]
-    assert saved["train"].shape == (16, 2) and saved["dev"].shape == (6, 2)
+    assert saved["train"].shape == (12, 2) and saved["dev"].shape == (4, 2)
     # The reference is the starting model: its log-probs, recomputed independently, equal the saved ones.
     from training.build import seed_everything
 
@@ -215,6 +217,11 @@ def test_dpo_script_trains_logs_rewards_and_resumes_exactly(tmp_path, tokenizer_
     assert resumed == full
     a, b = (checkpoint.load(tmp_path / d / "best.pt")["model"] for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # --init_weights: a run's weights are the start and the reference (no training: the policy is the reference).
+    again = dpo.main(dpo_train_args(tmp_path, tokenizer_dir, train, dev, tmp_path / "c", "--epochs", "0",
+                                    "--init_weights", str(tmp_path / "a")))
+    assert again["policy_accuracy"] == again["reference_policy_accuracy"] == full["policy_accuracy"]
+    assert again["loss"] == pytest.approx(math.log(2))
 
 
 def test_paraphrase_dpo_encodes_the_detectors_prompt(tmp_path, tokenizer_dir):

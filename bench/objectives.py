@@ -1,0 +1,158 @@
+"""CPU-sized measured examples of the training objectives (docs/objectives.md), each through the real
+scripts in subprocesses, on the CS224N data under data/ and the tiny random-init model:
+
+    dpo       sonnet_generation.py fine-tunes tiny on sonnets.txt (the SFT start), dpo.py pairs builds
+              shuffle / rhyme / truncate pairs from sonnets.txt (train) and the gold dev sonnets (dev),
+              dpo.py train runs DPO from the SFT weights: dev reward accuracy per epoch and pair kind
+    ensemble  classifier.py on SST (first --limit examples of each split; dev is complete at 1,101)
+              with two seeds, ensemble.py --method mean over them: dev accuracy of members and ensemble
+    smart     the same SST run (seed 1) with --smart_lambda 1 --bregman_mu 1 (the paper's defaults
+              otherwise) against the seed-1 run without SMART
+
+    python -m bench.objectives                      # all three, ~1 hour on a busy 2-core CPU
+    python -m bench.objectives --only ensemble smart --limit 2000
+
+Writes bench/results/objectives.json and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import markdown_table, write_results
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def run(args: list[str], log: Path) -> float:
+    """Run a script of the repository; its output goes to `log`; returns the wall time."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([PY, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def epochs_of(run_dir: Path) -> list[dict]:
+    from common.io import read_jsonl_log
+
+    return [r for r in read_jsonl_log(run_dir / "metrics.jsonl") if r["event"] == "epoch"]
+
+
+def bench_dpo(work: Path, a) -> dict:
+    common = ["--model_size", "tiny", "--no_progress", "--seed", "1"]
+    sft = work / "sonnet-sft"
+    t_sft = run(["sonnet_generation.py", *common, "--epochs", str(a.sft_epochs), "--lr", "1e-3", "--select_by", "loss",
+                 "--max_new_tokens", "32", "--run_dir", str(sft), "--sonnet_out", str(work / "sft-test.txt"),
+                 "--sonnet_dev_out", str(work / "sft-dev.txt")], work / "sft.log")
+    kinds = "shuffle,rhyme,truncate"
+    for src, out in (("data/sonnets.txt", "pairs-train.jsonl"),
+                     ("data/TRUE_sonnets_held_out_dev.txt", "pairs-dev.jsonl")):
+        run(["dpo.py", "pairs", "--task", "sonnet", "--sonnets", src, "--kinds", kinds, "--out", str(work / out)],
+            work / f"{out}.log")
+    dpo = work / "dpo"
+    t_dpo = run(["dpo.py", "train", "--task", "sonnet", "--pairs", str(work / "pairs-train.jsonl"), "--dev_pairs",
+                 str(work / "pairs-dev.jsonl"), *common, "--init_weights", str(sft), "--epochs", str(a.dpo_epochs),
+                 "--lr", str(a.dpo_lr), "--beta", "0.1", "--batch_size", "8", "--limit", str(a.dpo_limit),
+                 "--run_dir", str(dpo)], work / "dpo.log")
+    stats = {s: json.loads((work / f"pairs-{s}.jsonl.stats.json").read_text()) for s in ("train", "dev")}
+    return {"pairs": {s: stats[s]["by_kind"] for s in stats}, "seconds": {"sft": t_sft, "dpo": t_dpo},
+            "epochs": [{"epoch": e["epoch"], "train_loss": e["train_loss"],
+                        "train_reward_accuracy": e["train_reward_accuracy"], **e["dev"]} for e in epochs_of(dpo)]}
+
+
+def classifier_run(work: Path, a, name: str, seed: int, *extra) -> tuple[Path, float]:
+    run_dir = work / name
+    seconds = run(["classifier.py", "--model_size", "tiny", "--no_progress", "--datasets", "sst", "--fine-tune-mode",
+                   "full-model", "--lr", "1e-3", "--epochs", str(a.epochs), "--limit", str(a.limit), "--seed",
+                   str(seed), "--predictions_dir", str(run_dir / "pred"), "--run_dir", str(run_dir), *extra],
+                  work / f"{name}.log")
+    return run_dir, seconds
+
+
+def sst_dev(run_dir: Path) -> dict:
+    e = epochs_of(run_dir / "sst")
+    best = max(e, key=lambda r: r["dev"]["accuracy"])
+    return {"accuracy": best["dev"]["accuracy"], "f1": best["dev"]["f1"], "best_epoch": best["epoch"],
+            "per_epoch": [r["dev"]["accuracy"] for r in e]}
+
+
+def bench_ensemble(work: Path, a) -> dict:
+    runs = [classifier_run(work, a, f"sst-seed{s}", s) for s in (1, 2)]
+    out = work / "sst-ensemble"
+    run(["ensemble.py", "--runs", *(str(r) for r, _ in runs), "--out", str(out)], work / "ensemble.log")
+    report = json.loads((out / "ensemble.json").read_text())["results"]["sst-dev"]
+    return {"members": [m["dev"] for m in report["members"]], "ensemble": report["ensemble"],
+            "seconds": [s for _, s in runs]}
+
+
+def bench_smart(work: Path, a) -> dict:
+    base = work / "sst-seed1"
+    if not (base / "sst" / "last.pt").is_file():
+        classifier_run(work, a, "sst-seed1", 1)
+    smart, seconds = classifier_run(work, a, "sst-seed1-smart", 1, "--smart_lambda", "1", "--bregman_mu", "1")
+    terms = [{k: e[k] for k in ("train_loss", "train_smart_loss", "train_bregman_loss")}
+             for e in epochs_of(smart / "sst")]
+    return {"none": sst_dev(base), "smart": {**sst_dev(smart), "terms": terms, "seconds": seconds}}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=["dpo", "ensemble", "smart"], default=["dpo", "ensemble", "smart"])
+    p.add_argument("--work", default="runs/bench-objectives", help="run directories and logs")
+    p.add_argument("--limit", type=int, default=1000, help="classifier runs: first N examples of every split")
+    p.add_argument("--epochs", type=int, default=2, help="classifier runs")
+    p.add_argument("--sft_epochs", type=int, default=3)
+    p.add_argument("--dpo_epochs", type=int, default=3)
+    p.add_argument("--dpo_lr", type=float, default=1e-4)
+    p.add_argument("--dpo_limit", type=int, default=150, help="DPO: the first N training (and dev) pairs")
+    a = p.parse_args(argv)
+    work = REPO / a.work
+    if work.exists():
+        raise SystemExit(f"{work} exists; remove it or give another --work")
+    work.mkdir(parents=True)
+    load = os.getloadavg()[0]
+    results = {"load_average_start": load, "settings": vars(a)}
+    for name in a.only:
+        results[name] = {"dpo": bench_dpo, "ensemble": bench_ensemble, "smart": bench_smart}[name](work, a)
+    results["load_average_end"] = os.getloadavg()[0]
+    path = write_results("objectives", results)
+    print_tables(results)
+    print(f"\nwrote {path}")
+    return results
+
+
+def print_tables(r: dict) -> None:
+    if "dpo" in r:
+        kinds = sorted(r["dpo"]["pairs"]["dev"])
+        rows = [[e["epoch"], f"{e['train_loss']:.4f}", f"{e['loss']:.4f}", f"{e['reward_accuracy']:.3f}",
+                 *(f"{e.get(f'reward_accuracy_{k}', float('nan')):.3f}" for k in kinds), f"{e['reward_margin']:.3f}"]
+                for e in r["dpo"]["epochs"]]
+        print("\nDPO on sonnet pairs", r["dpo"]["pairs"])
+        print(markdown_table(["epoch", "train loss", "dev loss", "dev reward acc", *(f"dev acc {k}" for k in kinds),
+                              "dev margin"], rows))
+    if "ensemble" in r:
+        e = r["ensemble"]
+        rows = [[f"seed {i + 1}", f"{m['accuracy']:.4f}", f"{m['f1']:.4f}"] for i, m in enumerate(e["members"])]
+        rows.append(["ensemble (mean)", f"{e['ensemble']['accuracy']:.4f}", f"{e['ensemble']['f1']:.4f}"])
+        print("\nSST dev")
+        print(markdown_table(["model", "accuracy", "macro F1"], rows))
+    if "smart" in r:
+        s = r["smart"]
+        rows = [[name, f"{s[k]['accuracy']:.4f}", f"{s[k]['f1']:.4f}", s[k]["best_epoch"],
+                 " / ".join(f"{x:.4f}" for x in s[k]["per_epoch"])] for name, k in (("no SMART", "none"),
+                                                                                    ("SMART", "smart"))]
+        print("\nSST dev, seed 1")
+        print(markdown_table(["run", "best accuracy", "macro F1", "best epoch", "accuracy per epoch"], rows))
+
+
+if __name__ == "__main__":
+    main()
