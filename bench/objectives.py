@@ -8,6 +8,7 @@ scripts in subprocesses, on the CS224N data under data/ and the tiny random-init
               with two seeds, ensemble.py --method mean over them: dev accuracy of members and ensemble
     smart     the same SST run (seed 1) with --smart_lambda 1 --bregman_mu 1 (the paper's defaults
               otherwise) against the seed-1 run without SMART
+    smart_cost  the time of one training step with and without the SMART terms (in this process)
 
     python -m bench.objectives                      # all three, ~1 hour on a busy 2-core CPU
     python -m bench.objectives --only ensemble smart --limit 2000
@@ -104,9 +105,48 @@ def bench_smart(work: Path, a) -> dict:
     return {"none": sst_dev(base), "smart": {**sst_dev(smart), "terms": terms, "seconds": seconds}}
 
 
+def bench_smart_cost(work: Path, a) -> dict:
+    """Seconds per training step (loss + backward) of the tiny classifier on SST-length inputs without
+    SMART, with the adversarial term, and with both terms: median of interleaved repeats, one process."""
+    import torch
+
+    from bench.common import median, time_interleaved
+    from models.gpt2 import GPT2Model
+    from objectives.smart import Smart, SmartConfig
+    from tasks.sentiment import GPT2SentimentClassifier
+    from training.efficient import frozen_copy
+
+    torch.manual_seed(0)
+    model = GPT2SentimentClassifier(GPT2Model.from_name_or_path("tiny"), 5, 0.3).train()
+    ids = torch.randint(0, 50257, (8, 32))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 5, (8,))}
+    fwd = lambda m, b: m(b["input_ids"], b["attention_mask"])  # noqa: E731
+    adversarial = Smart(SmartConfig(smart_lambda=1.0), fwd)
+    both = Smart(SmartConfig(smart_lambda=1.0, bregman_mu=1.0), fwd)
+    both.ema = frozen_copy(model)
+
+    def step(smart):
+        def go():
+            model.zero_grad(set_to_none=True)
+            if smart is None:
+                loss = torch.nn.functional.cross_entropy(fwd(model, batch), batch["labels"])
+            else:
+                logits, penalty, _ = smart.forward(model, batch)
+                loss = torch.nn.functional.cross_entropy(logits, batch["labels"]) + penalty
+            loss.backward()
+        return go
+
+    times = time_interleaved({"none": step(None), "smart": step(adversarial), "smart+bregman": step(both)},
+                             torch.device("cpu"), steps=a.cost_steps, warmup=2)
+    base = median(times["none"])
+    return {name: {"seconds": median(t), "ratio": median(t) / base} for name, t in times.items()}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["dpo", "ensemble", "smart"], default=["dpo", "ensemble", "smart"])
+    p.add_argument("--only", nargs="+", choices=["dpo", "ensemble", "smart", "smart_cost"],
+                   default=["dpo", "ensemble", "smart", "smart_cost"])
+    p.add_argument("--cost_steps", type=int, default=20, help="smart_cost: timed steps per variant")
     p.add_argument("--work", default="runs/bench-objectives", help="run directories and logs")
     p.add_argument("--limit", type=int, default=1000, help="classifier runs: first N examples of every split")
     p.add_argument("--epochs", type=int, default=2, help="classifier runs")
@@ -122,7 +162,8 @@ def main(argv=None) -> dict:
     load = os.getloadavg()[0]
     results = {"load_average_start": load, "settings": vars(a)}
     for name in a.only:
-        results[name] = {"dpo": bench_dpo, "ensemble": bench_ensemble, "smart": bench_smart}[name](work, a)
+        results[name] = {"dpo": bench_dpo, "ensemble": bench_ensemble, "smart": bench_smart,
+                         "smart_cost": bench_smart_cost}[name](work, a)
     results["load_average_end"] = os.getloadavg()[0]
     path = write_results("objectives", results)
     print_tables(results)
@@ -152,6 +193,10 @@ def print_tables(r: dict) -> None:
                                                                                     ("SMART", "smart"))]
         print("\nSST dev, seed 1")
         print(markdown_table(["run", "best accuracy", "macro F1", "best epoch", "accuracy per epoch"], rows))
+    if "smart_cost" in r:
+        rows = [[name, f"{v['seconds'] * 1000:.1f}", f"{v['ratio']:.2f}"] for name, v in r["smart_cost"].items()]
+        print("\nTraining step of the tiny classifier, batch 8 x 32 tokens (median, interleaved)")
+        print(markdown_table(["step", "ms", "ratio to no SMART"], rows))
 
 
 if __name__ == "__main__":
