@@ -4,14 +4,14 @@ scripts in subprocesses, on the CS224N data under data/ and the tiny random-init
     dpo       sonnet_generation.py fine-tunes tiny on sonnets.txt (the SFT start), dpo.py pairs builds
               shuffle / rhyme / truncate pairs from sonnets.txt (train) and the gold dev sonnets (dev),
               dpo.py train runs DPO from the SFT weights: dev reward accuracy per epoch and pair kind
-    ensemble  classifier.py on SST (first --limit examples of each split; dev is complete at 1,101)
-              with two seeds, ensemble.py --method mean over them: dev accuracy of members and ensemble
+    ensemble  classifier.py on SST (a seeded random sample of --train_examples training examples; dev
+              complete, 1,101) with two seeds, ensemble.py --method mean: dev accuracy of members and ensemble
     smart     the same SST run (seed 1) with --smart_lambda 1 --bregman_mu 1 (the paper's defaults
               otherwise) against the seed-1 run without SMART
     smart_cost  the time of one training step with and without the SMART terms (in this process)
 
     python -m bench.objectives                      # all three, ~1 hour on a busy 2-core CPU
-    python -m bench.objectives --only ensemble smart --limit 2000
+    python -m bench.objectives --only ensemble smart --train_examples 4000 --reuse
 
 Writes bench/results/objectives.json and prints the tables.
 """
@@ -31,8 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def run(args: list[str], log: Path) -> float:
-    """Run a script of the repository; its output goes to `log`; returns the wall time."""
+def run(args: list[str], log: Path, done: Path | None = None) -> float:
+    """Run a script of the repository; its output goes to `log`; returns the wall time (0 when `done`, a
+    file the run writes last, exists already: --reuse keeps finished runs)."""
+    if done is not None and done.exists():
+        return 0.0
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run([PY, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
@@ -53,29 +56,43 @@ def bench_dpo(work: Path, a) -> dict:
     sft = work / "sonnet-sft"
     t_sft = run(["sonnet_generation.py", *common, "--epochs", str(a.sft_epochs), "--lr", "1e-3", "--select_by", "loss",
                  "--max_new_tokens", "32", "--run_dir", str(sft), "--sonnet_out", str(work / "sft-test.txt"),
-                 "--sonnet_dev_out", str(work / "sft-dev.txt")], work / "sft.log")
+                 "--sonnet_dev_out", str(work / "sft-dev.txt")], work / "sft.log", sft / "outputs" / "sonnet-test.json")
     kinds = "shuffle,rhyme,truncate"
     for src, out in (("data/sonnets.txt", "pairs-train.jsonl"),
                      ("data/TRUE_sonnets_held_out_dev.txt", "pairs-dev.jsonl")):
         run(["dpo.py", "pairs", "--task", "sonnet", "--sonnets", src, "--kinds", kinds, "--out", str(work / out)],
-            work / f"{out}.log")
+            work / f"{out}.log", work / f"{out}.stats.json")
     dpo = work / "dpo"
     t_dpo = run(["dpo.py", "train", "--task", "sonnet", "--pairs", str(work / "pairs-train.jsonl"), "--dev_pairs",
                  str(work / "pairs-dev.jsonl"), *common, "--init_weights", str(sft), "--epochs", str(a.dpo_epochs),
                  "--lr", str(a.dpo_lr), "--beta", "0.1", "--batch_size", "8", "--limit", str(a.dpo_limit),
-                 "--run_dir", str(dpo)], work / "dpo.log")
+                 "--run_dir", str(dpo)], work / "dpo.log", work / "dpo.done")
+    (work / "dpo.done").touch()
     stats = {s: json.loads((work / f"pairs-{s}.jsonl.stats.json").read_text()) for s in ("train", "dev")}
     return {"pairs": {s: stats[s]["by_kind"] for s in stats}, "seconds": {"sft": t_sft, "dpo": t_dpo},
             "epochs": [{"epoch": e["epoch"], "train_loss": e["train_loss"],
                         "train_reward_accuracy": e["train_reward_accuracy"], **e["dev"]} for e in epochs_of(dpo)]}
 
 
+def sst_subset(work: Path, n: int) -> Path:
+    """A seeded random sample of n SST training rows (the file is ordered by label: its first rows are not
+    a sample), header kept."""
+    import random
+
+    path = work / f"sst-train-{n}.csv"
+    if not path.is_file():
+        header, *rows = (REPO / "data" / "ids-sst-train.csv").read_text(encoding="utf-8").splitlines()
+        path.write_text("\n".join([header, *random.Random(0).sample(rows, n)]) + "\n", encoding="utf-8")
+    return path
+
+
 def classifier_run(work: Path, a, name: str, seed: int, *extra) -> tuple[Path, float]:
     run_dir = work / name
     seconds = run(["classifier.py", "--model_size", "tiny", "--no_progress", "--datasets", "sst", "--fine-tune-mode",
-                   "full-model", "--lr", "1e-3", "--epochs", str(a.epochs), "--limit", str(a.limit), "--seed",
-                   str(seed), "--predictions_dir", str(run_dir / "pred"), "--run_dir", str(run_dir), *extra],
-                  work / f"{name}.log")
+                   "full-model", "--lr", str(a.lr), "--epochs", str(a.epochs), "--sst_train",
+                   str(sst_subset(work, a.train_examples)), "--seed", str(seed), "--predictions_dir",
+                   str(run_dir / "pred"), "--run_dir", str(run_dir), *extra],
+                  work / f"{name}.log", run_dir / "outputs" / "sst-test.json")
     return run_dir, seconds
 
 
@@ -96,9 +113,7 @@ def bench_ensemble(work: Path, a) -> dict:
 
 
 def bench_smart(work: Path, a) -> dict:
-    base = work / "sst-seed1"
-    if not (base / "sst" / "last.pt").is_file():
-        classifier_run(work, a, "sst-seed1", 1)
+    base, _ = classifier_run(work, a, "sst-seed1", 1)  # done already when the ensemble ran
     smart, seconds = classifier_run(work, a, "sst-seed1-smart", 1, "--smart_lambda", "1", "--bregman_mu", "1")
     terms = [{k: e[k] for k in ("train_loss", "train_smart_loss", "train_bregman_loss")}
              for e in epochs_of(smart / "sst")]
@@ -148,17 +163,20 @@ def main(argv=None) -> dict:
                    default=["dpo", "ensemble", "smart", "smart_cost"])
     p.add_argument("--cost_steps", type=int, default=20, help="smart_cost: timed steps per variant")
     p.add_argument("--work", default="runs/bench-objectives", help="run directories and logs")
-    p.add_argument("--limit", type=int, default=1000, help="classifier runs: first N examples of every split")
-    p.add_argument("--epochs", type=int, default=2, help="classifier runs")
+    p.add_argument("--train_examples", type=int, default=2000,
+                   help="classifier runs: a seeded random sample of N SST training examples (dev and test complete)")
+    p.add_argument("--epochs", type=int, default=3, help="classifier runs")
+    p.add_argument("--lr", type=float, default=1e-3, help="classifier runs")
+    p.add_argument("--reuse", action="store_true", help="keep --work and skip the runs that finished there")
     p.add_argument("--sft_epochs", type=int, default=3)
     p.add_argument("--dpo_epochs", type=int, default=3)
     p.add_argument("--dpo_lr", type=float, default=1e-4)
     p.add_argument("--dpo_limit", type=int, default=150, help="DPO: the first N training (and dev) pairs")
     a = p.parse_args(argv)
     work = REPO / a.work
-    if work.exists():
-        raise SystemExit(f"{work} exists; remove it or give another --work")
-    work.mkdir(parents=True)
+    if work.exists() and not a.reuse:
+        raise SystemExit(f"{work} exists; remove it, give another --work, or --reuse its finished runs")
+    work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
     results = {"load_average_start": load, "settings": vars(a)}
     for name in a.only:

@@ -239,11 +239,29 @@ def test_paraphrase_dpo_encodes_the_detectors_prompt(tmp_path, tokenizer_dir):
     assert {tuple(c + r) for c, r in zip(pairs.chosen, pairs.rejected)} <= {(8505, 3919), (3919, 8505)}
     out = dpo.main(["train", "--task", "paraphrase", "--pairs", str(tmp_path / "p.jsonl"), "--dev_pairs",
                     str(tmp_path / "p.jsonl"), "--model_size", "tiny", "--tokenizer", str(tokenizer_dir),
-                    "--no_progress", "--epochs", "1", "--run_dir", str(tmp_path / "run")])
+                    "--no_progress", "--epochs", "1", "--run_dir", str(tmp_path / "run"), "--peft", "lora", "--lora_r", "2"])
     assert 0 <= out["policy_accuracy"] <= 1 and "reference_policy_accuracy" in out
     bad = [dict(r, prompt=r["prompt"] + " ") for r in records]
     with pytest.raises(Exception, match="not the detector's prompt"):
         dpo.encode_paraphrase(tok, bad, "p.jsonl", 512)
+
+
+def test_sample_pairs_hold_the_models_own_completions(tmp_path, tokenizer_dir):
+    import dpo
+
+    rng = random.Random(6)
+    src = write_sonnets(tmp_path / "s.txt", [(n, rhyming_sonnet(rng, (1, 2))) for n in (1, 2)])
+    stats = dpo.main(["pairs", "--task", "sonnet", "--sonnets", str(src), "--kinds", "sample", "--model_size", "tiny",
+                      "--tokenizer", str(tokenizer_dir), "--max_new_tokens", "6", "--decoding", "greedy",
+                      "--out", str(tmp_path / "p.jsonl")])
+    records = P.read_pairs(tmp_path / "p.jsonl")
+    assert stats["by_kind"] == {"sample": 2} and [r["kind"] for r in records] == ["sample", "sample"]
+    # Greedy decoding: the same completions again, so the rejected responses are the model's, reproducibly.
+    dpo.main(["pairs", "--task", "sonnet", "--sonnets", str(src), "--kinds", "sample", "--model_size", "tiny",
+              "--tokenizer", str(tokenizer_dir), "--max_new_tokens", "6", "--decoding", "greedy",
+              "--out", str(tmp_path / "q.jsonl")])
+    assert P.read_pairs(tmp_path / "q.jsonl") == records
+    assert all(r["rejected"] != r["chosen"] and r["prompt"].count("\n") == 2 for r in records)
 
 
 def test_bad_flags_and_files_are_refused(tmp_path):
