@@ -239,7 +239,8 @@ def test_paraphrase_dpo_encodes_the_detectors_prompt(tmp_path, tokenizer_dir):
     assert {tuple(c + r) for c, r in zip(pairs.chosen, pairs.rejected)} <= {(8505, 3919), (3919, 8505)}
     out = dpo.main(["train", "--task", "paraphrase", "--pairs", str(tmp_path / "p.jsonl"), "--dev_pairs",
                     str(tmp_path / "p.jsonl"), "--model_size", "tiny", "--tokenizer", str(tokenizer_dir),
-                    "--no_progress", "--epochs", "1", "--run_dir", str(tmp_path / "run"), "--peft", "lora", "--lora_r", "2"])
+                    "--no_progress", "--epochs", "1", "--run_dir", str(tmp_path / "run"), "--peft", "lora",
+                    "--lora_r", "2"])
     assert 0 <= out["policy_accuracy"] <= 1 and "reference_policy_accuracy" in out
     bad = [dict(r, prompt=r["prompt"] + " ") for r in records]
     with pytest.raises(Exception, match="not the detector's prompt"):
