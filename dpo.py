@@ -13,6 +13,9 @@
             chosen_reward and rejected_reward per step and epoch; the best epoch (lowest dev DPO loss)
             is the run's best.pt, loadable by every script (training.checkpoint.load_model).
 
+Dropout is off by default (--hidden_dropout / --attention_dropout turn it on): the policy starts
+exactly at the reference, whose log-probs are computed without dropout.
+
 --task sonnet takes ANY text preference data (prompt / chosen / rejected as text; EOS appended to
 each response so that stopping is part of the preference); --task paraphrase needs the records'
 sentence1 / sentence2 and encodes exactly the detector's prompt (tasks/paraphrase.py).
@@ -79,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--dpo_loss", choices=["sigmoid", "ipo"], default="sigmoid",
                    help="sigmoid: -log sigmoid(beta h) (DPO); ipo: (h - 1/(2 beta))^2 (IPO)")
     add_common_args(t, epochs=3, batch_size=8, lr=1e-5)
+    # Dropout off unless asked for (as TRL's DPOTrainer): the policy's log-probs then start equal to the
+    # reference's (eval-mode) ones, so the first loss is log 2 and the rewards measure learning, not noise.
+    t.set_defaults(hidden_dropout=0.0, attention_dropout=0.0)
     args = p.parse_args(argv)
     if args.stage == "pairs":
         kinds = args.kinds.split(",") if args.kinds else ["shuffle", "rhyme", "truncate"]
