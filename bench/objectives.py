@@ -69,7 +69,13 @@ def bench_dpo(work: Path, a) -> dict:
                  "--run_dir", str(dpo)], work / "dpo.log", work / "dpo.done")
     (work / "dpo.done").touch()
     stats = {s: json.loads((work / f"pairs-{s}.jsonl.stats.json").read_text()) for s in ("train", "dev")}
-    return {"pairs": {s: stats[s]["by_kind"] for s in stats}, "seconds": {"sft": t_sft, "dpo": t_dpo},
+    from common.io import read_jsonl_log
+
+    final = [r for r in read_jsonl_log(dpo / "metrics.jsonl") if r["event"] == "final"][-1]["dev"]
+    used = {s: min(a.dpo_limit, stats[s]["pairs"]) for s in stats}
+    return {"pairs": {s: stats[s]["by_kind"] for s in stats}, "pairs_used": used,
+            "seconds": {"sft": t_sft, "dpo": t_dpo},
+            "reference_policy_accuracy": final["reference_policy_accuracy"],
             "epochs": [{"epoch": e["epoch"], "train_loss": e["train_loss"],
                         "train_reward_accuracy": e["train_reward_accuracy"], **e["dev"]} for e in epochs_of(dpo)]}
 
@@ -171,7 +177,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sft_epochs", type=int, default=3)
     p.add_argument("--dpo_epochs", type=int, default=3)
     p.add_argument("--dpo_lr", type=float, default=1e-4)
-    p.add_argument("--dpo_limit", type=int, default=150, help="DPO: the first N training (and dev) pairs")
+    p.add_argument("--dpo_limit", type=int, default=400, help="DPO: the first N training (and dev) pairs")
     a = p.parse_args(argv)
     work = REPO / a.work
     if work.exists() and not a.reuse:
@@ -195,9 +201,10 @@ def print_tables(r: dict) -> None:
         rows = [[e["epoch"], f"{e['train_loss']:.4f}", f"{e['loss']:.4f}", f"{e['reward_accuracy']:.3f}",
                  *(f"{e.get(f'reward_accuracy_{k}', float('nan')):.3f}" for k in kinds), f"{e['reward_margin']:.3f}"]
                 for e in r["dpo"]["epochs"]]
-        print("\nDPO on sonnet pairs", r["dpo"]["pairs"])
+        start = ["0 (reference)", "-", "0.6931", "0.000", *("0.000" for _ in kinds), "0.000"]
+        print("\nDPO on sonnet pairs", r["dpo"]["pairs"], "used:", r["dpo"]["pairs_used"])
         print(markdown_table(["epoch", "train loss", "dev loss", "dev reward acc", *(f"dev acc {k}" for k in kinds),
-                              "dev margin"], rows))
+                              "dev margin"], [start, *rows]))
     if "ensemble" in r:
         e = r["ensemble"]
         rows = [[f"seed {i + 1}", f"{m['accuracy']:.4f}", f"{m['f1']:.4f}"] for i, m in enumerate(e["members"])]
