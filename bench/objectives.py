@@ -189,6 +189,12 @@ def main(argv=None) -> dict:
         results[name] = {"dpo": bench_dpo, "ensemble": bench_ensemble, "smart": bench_smart,
                          "smart_cost": bench_smart_cost}[name](work, a)
     results["load_average_end"] = os.getloadavg()[0]
+    from bench.common import RESULTS_DIR
+
+    previous = RESULTS_DIR / "objectives.json"
+    if a.reuse and previous.is_file():  # keep the parts measured before
+        old = json.loads(previous.read_text())
+        results = {**{k: v for k, v in old.items() if k not in ("date", "torch")}, **results}
     path = write_results("objectives", results)
     print_tables(results)
     print(f"\nwrote {path}")
