@@ -117,7 +117,7 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
                      callbacks=[smart] if smart else [])
     trainer = run.trainer(model, task, sub=name)
     trainer.log.write("truncation", truncated=truncation, max_length=max_length)
-    result = trainer.fit()
+    result = run.fit(model, task, sub=name, trainer=trainer)  # + --export_hf DIR/{name}
     if result.interrupted:
         return None
     model.eval()

@@ -150,7 +150,7 @@ def main(argv=None) -> dict | None:
     result = run.fit(model, task)
     if result.interrupted:
         return None
-    student.save_pretrained(run.run_dir / "student")
+    student.save_pretrained(run.run_dir / "student", tokenizer=run.tokenizer)
     rows = {}
     with torch.no_grad():
         for name, m in (("teacher", teacher), ("student", student)):

@@ -67,7 +67,9 @@ def write_leaderboard_file(out_dir: Path, combined) -> Path:
     out = combined.outputs
     path = out_dir / out.prediction_file
     if out.kind == "generation":
-        return write_generated_sonnets(path, [(int(i), t) for i, t in zip(out.ids, out.texts)])
+        # in the first member's prompt order (the order its run read the prompts), numbered 0, 1, ...
+        # as the starter writes them: the leaderboard pairs the i-th sonnet with the i-th prompt
+        return write_generated_sonnets(path, out.texts)
     if out.task == "para":
         from tasks.paraphrase import LABEL_TOKENS
 

@@ -20,7 +20,8 @@ Impossible Distillation's critic.  A pair longer than `--max_length` tokens keep
 and the answer slot and truncates the questions (the longer one first, each keeping its beginning);
 the number of truncated pairs is printed and logged.  Impossible Distillation's synthetic pairs join
 the training set with `--synthetic_train` (weight `--synthetic_weight`, a KL term to the initial
-model with `--kl_lambda`; distillation/synthetic.py).
+model with `--kl_lambda`, a margin or InfoNCE term ranking each synthetic positive above the hard
+negatives of its source sentence with `--contrastive`; distillation/synthetic.py).
 
     python paraphrase_detection.py --use_gpu --model_size gpt2
     python paraphrase_detection.py --model_size tiny --epochs 1 --limit 64    # smoke run, CPU
@@ -68,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loss weight of each synthetic pair (real pairs weigh 1)")
     g.add_argument("--kl_lambda", type=float, default=0.0,
                    help="weight of KL(model || frozen initial model) on the yes/no distribution (0: off)")
+    g.add_argument("--contrastive", choices=synthetic.CONTRASTIVE, default="none",
+                   help="rank each synthetic positive above the hard negatives of the same source sentence: "
+                        "margin (hinge on the yes/no log-odds) or infonce")
+    g.add_argument("--contrastive_weight", type=float, default=None, help="weight of the contrastive term (default 1)")
+    g.add_argument("--contrastive_margin", type=float, default=None, help="margin of --contrastive margin (default 1)")
     add_smart_args(p)
     add_common_args(p, epochs=10, batch_size=8, lr=1e-5)
     args = p.parse_args(argv)
@@ -77,6 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--synthetic_weight needs --synthetic_train")
     if not 0 <= args.kl_lambda < float("inf"):
         raise UsageError(f"--kl_lambda must be a finite number >= 0, got {args.kl_lambda}")
+    if args.contrastive == "none" and (args.contrastive_weight is not None or args.contrastive_margin is not None):
+        raise UsageError("--contrastive_weight and --contrastive_margin need --contrastive margin or infonce")
+    if args.contrastive != "none" and not args.synthetic_train:
+        raise UsageError("--contrastive needs --synthetic_train (its positives and hard negatives form the groups)")
+    if args.contrastive_margin is not None and args.contrastive != "margin":
+        raise UsageError("--contrastive_margin goes with --contrastive margin")
+    if args.contrastive_weight is not None and not args.contrastive_weight > 0:
+        raise UsageError(f"--contrastive_weight must be > 0, got {args.contrastive_weight}")
     if args.para_train == "none" and not args.synthetic_train:
         raise UsageError("--para_train none needs --synthetic_train (there would be nothing to train on)")
     return args
@@ -121,24 +135,41 @@ def main(argv=None) -> dict | None:
         run.say(f"[para] train: {len(splits['train']) - len(trainable)} unlabeled rows not trained on")
     train_labels = torch.tensor([splits["train"][i].label for i in trainable])
     train_weights = train_weights[trainable]
+    groups = {}
+    if args.contrastive != "none":
+        n_real = len(splits["train"]) - n_synth
+        groups = synthetic.contrastive_groups([splits["train"][i] for i in trainable], [i >= n_real for i in trainable])
+        if not groups:
+            raise DataError(f"{args.synthetic_train}: no positive with a hard negative of the same sentence1; "
+                            f"--contrastive needs the file `impossible_distillation.py build` writes")
+        run.say(f"[para] contrastive ({args.contrastive}): {len(groups)} positives with hard negatives")
+    contrastive_weight = 1.0 if args.contrastive_weight is None else args.contrastive_weight
+    margin = 1.0 if args.contrastive_margin is None else args.contrastive_margin
 
     def make_batch(indices):
-        ids, mask = pad_right([seqs["train"][trainable[i]] for i in indices], pad_id)
+        rows, pos, neg = synthetic.with_negatives(indices, groups)  # rows == indices without --contrastive
+        ids, mask = pad_right([seqs["train"][trainable[i]] for i in rows], pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum()),
-                "weights": train_weights[indices]}
+                "weights": train_weights[indices], "pos": pos, "neg": neg}
 
     smart = smart_objective(smart_config(args), lambda m, b: two_way_logits(m, b["input_ids"], b["attention_mask"]))
 
     def loss_fn(model, batch):
-        if smart is not None:  # --smart_lambda / --bregman_mu: SMART's terms on the same clean logits
+        # SMART's terms (--smart_lambda / --bregman_mu) cover every row the model reads, contrastive
+        # negatives included; the task loss takes the batch's own examples (the first n rows)
+        if smart is not None:
             logits, penalty, logs = smart.forward(model, batch)
         else:
             logits, penalty, logs = two_way_logits(model, batch["input_ids"], batch["attention_mask"]), 0.0, {}
+        n = batch["labels"].size(0)  # the batch's own examples; rows after them are contrastive negatives
         ref_logits = None
         if reference is not None:
             with torch.no_grad():
-                ref_logits = two_way_logits(reference, batch["input_ids"], batch["attention_mask"])
-        loss = synthetic.paraphrase_loss(logits, batch["labels"], batch["weights"], ref_logits, args.kl_lambda)
+                ref_logits = two_way_logits(reference, batch["input_ids"][:n], batch["attention_mask"][:n])
+        loss = synthetic.paraphrase_loss(logits[:n], batch["labels"], batch["weights"], ref_logits, args.kl_lambda)
+        if groups:
+            term = synthetic.contrastive_loss(logits, batch["pos"], batch["neg"], args.contrastive, margin)
+            loss, logs = loss + contrastive_weight * term, {**logs, "contrastive": term.detach()}
         return loss + penalty, batch["tokens"], logs
 
     def answer_logits(model, split) -> torch.Tensor:  # (N, 2): "no", "yes"

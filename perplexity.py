@@ -17,10 +17,9 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
-from evaluation.perplexity import perplexity, sliding_window_nll
-from lm.corpus import find_data_file, join_documents, read_documents
+from evaluation.perplexity import perplexity, score_windows
+from lm.corpus import find_data_file, tokenize_corpus_file
 from models.gpt2 import GPT2LMHeadModel
 from models.tokenizer import load_tokenizer
 from training.cli import UsageError, add_attention_args, add_device_args, entry_point, resolve_device
@@ -81,31 +80,6 @@ def corpus_paths(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def tokenize_file(path: Path, tokenizer, max_tokens: int | None) -> torch.Tensor:
-    docs = read_documents(path)
-    if max_tokens is not None:
-        # Only the start is scored: tokenise a generous prefix of characters, not the whole file.
-        kept, budget = [], max_tokens * 8
-        for doc in docs:
-            kept.append(doc[:budget])
-            budget -= len(kept[-1])
-            if budget <= 0:
-                break
-        docs = kept
-    stream = join_documents([tokenizer.encode(d, verbose=False) for d in docs], tokenizer.eos_token_id)
-    return torch.tensor(stream[:max_tokens] if max_tokens else stream, dtype=torch.long)
-
-
-def score(model, ids: torch.Tensor, args) -> tuple[float, int]:
-    window = args.window or model.config.max_position_embeddings
-    if window > model.config.max_position_embeddings:
-        raise UsageError(f"--window {window} exceeds the model's {model.config.max_position_embeddings} positions")
-    stride = args.stride or max(1, window // 2)
-    if stride > window:
-        raise UsageError(f"--stride {stride} must not exceed --window {window}")
-    return sliding_window_nll(model, ids, window=window, stride=stride, batch_size=args.batch_size)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     files = {args.text_file.name: args.text_file} if args.text_file else corpus_paths(args.corpora)
@@ -113,7 +87,8 @@ def main(argv=None) -> dict:
         if not path.is_file():
             raise UsageError(f"{name}: no such file {path}")
     overrides = ModelConfig(attention=args.attention, attention_window=args.attention_window,
-                            sparse_layers=args.sparse_layers, attention_backend=args.attention_backend)
+                            sparse_layers=args.sparse_layers, attention_backend=args.attention_backend,
+                            attention_global_tokens=args.attention_global_tokens)
     overrides.validate()
     device = resolve_device("cuda" if args.use_gpu else args.device)
     results: dict[str, dict[str, dict]] = {}
@@ -123,9 +98,9 @@ def main(argv=None) -> dict:
         tokenizer = load_tokenizer(args.tokenizer, model_dir=spec)
         results[spec] = {}
         for name, path in files.items():
-            ids = tokenize_file(path, tokenizer, args.max_tokens)
+            ids = tokenize_corpus_file(path, tokenizer, args.max_tokens)
             t0 = time.time()
-            nll, n = score(model, ids, args)
+            nll, n = score_windows(model, ids, args.window, args.stride, args.batch_size)
             row = {"tokens": n, "mean_nll": nll / n, "perplexity": perplexity(nll, n), "seconds": time.time() - t0}
             results[spec][name] = row
             print(f"{spec} on {path}: tokens={n} mean_nll={row['mean_nll']:.4f} "

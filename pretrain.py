@@ -8,7 +8,8 @@ blocks of `--max_length` tokens (`lm.corpus.pack_blocks`; the last partial block
 dropped).  Training runs on the shared trainer (`training/`: AdamW, warm-up + linear decay,
 precision, accumulation, checkpoints, `--resume`, metrics.jsonl); after every epoch the valid loss
 and perplexity are reported and the best epoch is kept.  The best model is saved in Hugging Face
-format to `RUN_DIR/model` (with the tokenizer files), which every script loads with
+format to `RUN_DIR/model` (with the tokenizer files; with `--qat int8|int4` also the quantized model
+to `RUN_DIR/model-int8|int4`), which every script loads with
 `--init_checkpoint RUN_DIR/model` (or `--model_size RUN_DIR/model`) -- e.g. poetry pretraining, then sonnet fine-tuning:
 
     python pretrain.py --model_size gpt2 --corpus data/poetry/PoetryFoundationData.csv --run_dir runs/pretrain/poetry --use_gpu
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,11 +31,9 @@ from common.errors import ConfigError
 from evaluation.perplexity import perplexity
 from lm.corpus import FORMATS, join_documents, pack_blocks, read_documents, split_documents
 from models.gpt2 import GPT2LMHeadModel
-from models.losses import next_token_loss
-from models.tokenizer import TOKENIZER_FILES, resolve_tokenizer_dir
+from models.losses import block_loss_sum
 from training.build import autocast
 from training.cli import UsageError, add_common_args, entry_point
-from training.config import ModelConfig
 from training.runner import ScriptRun
 from training.task import TrainTask
 
@@ -63,12 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def lm_loss_sum(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of full blocks (B, T) and the number of targets, B * (T - 1)."""
-    B, T = input_ids.shape
-    return next_token_loss(model(input_ids), input_ids, reduction="sum"), B * (T - 1)
-
-
 def build_blocks(args, run: ScriptRun, block_size: int) -> dict[str, torch.Tensor]:
     tokenizer = run.tokenizer
     docs = [d for path in args.corpus for d in read_documents(path, args.format)]
@@ -86,15 +78,6 @@ def build_blocks(args, run: ScriptRun, block_size: int) -> dict[str, torch.Tenso
     return blocks
 
 
-def copy_tokenizer_files(cfg: ModelConfig, model_dir: Path) -> None:
-    """vocab.json + merges.txt next to the weights, so the saved directory is self-contained
-    (`models.tokenizer` looks in the model directory when no tokenizer is given)."""
-    source = resolve_tokenizer_dir(cfg.tokenizer, None if cfg.random_init else cfg.spec)
-    if Path(source).is_dir():
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(Path(source) / name, Path(model_dir) / name)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = ScriptRun.start("pretrain", args, data=("corpus",))
@@ -107,12 +90,12 @@ def main(argv=None) -> dict:
         total, count = 0.0, 0
         for i in range(0, blocks["valid"].shape[0], eval_bs):
             with autocast(device, precision):
-                nll, n = lm_loss_sum(m, blocks["valid"][i:i + eval_bs].to(device))
+                nll, n = block_loss_sum(m, blocks["valid"][i:i + eval_bs].to(device))
             total, count = total + nll.item(), count + n
         return {"valid_loss": total / count, "valid_ppl": perplexity(total, count)}
 
     def loss_fn(m, batch) -> tuple[torch.Tensor, int]:
-        nll, n = lm_loss_sum(m, batch["input_ids"])
+        nll, n = block_loss_sum(m, batch["input_ids"])
         return nll / n, n
 
     task = TrainTask("pretrain", [block_size] * blocks["train"].shape[0],
@@ -123,12 +106,21 @@ def main(argv=None) -> dict:
         print_epochs(run)
         run.say(f"stopped early; continue with --resume {run.run_dir}")
         return {"run_dir": run.run_dir, "interrupted": True}
-    model_dir = model.save_pretrained(run.run_dir / "model")  # before anything else can fail
-    copy_tokenizer_files(run.cfg.model, model_dir)
-    epochs = print_epochs(run)
+    model_dir = model.save_pretrained(run.run_dir / "model", tokenizer=run.tokenizer)  # before anything else can fail
+    out = {"run_dir": run.run_dir, "model_dir": model_dir, "best": result.best_metrics}
+    if run.cfg.efficiency.qat != "none":  # the deployable model: the very weights training computed with
+        import copy
+
+        from models.quant.qat import convert_qat
+
+        out["quantized_dir"] = convert_qat(copy.deepcopy(model)).save_pretrained(
+            run.run_dir / f"model-{run.cfg.efficiency.qat}", tokenizer=run.tokenizer)
+        run.say(f"saved the quantized model (--qat {run.cfg.efficiency.qat}) to {out['quantized_dir']}: "
+                f"load it with --model_size {out['quantized_dir']}")
+    out["epochs"] = print_epochs(run)
     run.say(f"best epoch {result.best_epoch}: valid ppl {result.best_metrics['valid_ppl']:.2f}; "
             f"saved {model_dir} (start a task script from it with --init_checkpoint {model_dir})")
-    return {"run_dir": run.run_dir, "model_dir": model_dir, "best": result.best_metrics, "epochs": epochs}
+    return out
 
 
 def print_epochs(run: ScriptRun) -> list[dict]:

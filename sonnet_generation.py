@@ -141,10 +141,12 @@ def main(argv=None) -> dict | None:
     dev_chrf = chrf(dev_texts, dev_gold)
     test_texts = writer.complete(model, [p for _, p in test_prompts])
     if is_main():  # every rank generates the same sonnets (same seed and weights); rank 0 writes
-        write_generated_sonnets(args.sonnet_dev_out, [(n, t) for (n, _), t in zip(dev_prompts, dev_texts)])
-        write_generated_sonnets(args.sonnet_out, [(n, t) for (n, _), t in zip(test_prompts, test_texts)])
+        # numbered 0, 1, ... in prompt order, as the starter writes them (not by sonnet number)
+        write_generated_sonnets(args.sonnet_dev_out, dev_texts)
+        write_generated_sonnets(args.sonnet_out, test_texts)
+        # for ensemble.py: the prompts' sonnet numbers identify them (in the same prompt order)
         write_text_outputs(run.run_dir, "sonnet", "dev", SONNET_DEV_FILE, [n for n, _ in dev_prompts], dev_texts,
-                           dev_gold)  # for ensemble.py
+                           dev_gold)
         write_text_outputs(run.run_dir, "sonnet", "test", SONNET_TEST_FILE, [n for n, _ in test_prompts], test_texts)
     metrics = {"loss": result.best_metrics["loss"], "chrf": dev_chrf}
     run.log.write("final", best_epoch=result.best_epoch, dev=metrics)

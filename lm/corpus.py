@@ -15,7 +15,7 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -163,3 +163,20 @@ def split_documents(docs: Sequence[str], valid_fraction: float, seed: int = 0) -
         raise ConfigError("valid_fraction", "the corpus is too small to split into train and valid; add text or "
                           "give a separate validation file")
     return [train], [valid]
+
+
+def tokenize_corpus_file(path: str | Path, tokenizer, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """One corpus file (`read_documents`) as a token stream, every document followed by EOS, the
+    format `pretrain.py` trains on; with `max_tokens`, only the first tokens (only a generous prefix
+    of the characters is tokenised)."""
+    docs = read_documents(path)
+    if max_tokens is not None:
+        kept, budget = [], max_tokens * 8
+        for doc in docs:
+            kept.append(doc[:budget])
+            budget -= len(kept[-1])
+            if budget <= 0:
+                break
+        docs = kept
+    stream = join_documents([tokenizer.encode(d, verbose=False) for d in docs], tokenizer.eos_token_id)
+    return torch.tensor(stream[:max_tokens] if max_tokens else stream, dtype=torch.long)

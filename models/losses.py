@@ -6,6 +6,7 @@ back into zeros: `next_token_targets` shifts the INPUT ids left instead (the las
 position whose next token is padding, gets IGNORE_INDEX).
 
     next_token_loss(logits, input_ids, attention_mask)   mean (or summed) CE over real next tokens
+    block_loss_sum(model, input_ids)                      summed CE of packed blocks and its target count
     token_nll(logits, targets)                            CE over any per-position targets
     sequence_logprob(logits, targets)                     (B,) summed log p of each row's targets (DPO)
 """
@@ -37,6 +38,13 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mas
                     reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy over real (non-pad) targets only."""
     return token_nll(logits, next_token_targets(input_ids, attention_mask), reduction)
+
+
+def block_loss_sum(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of full (unpadded) blocks (B, T) and the number of targets,
+    B * (T - 1): language-model training and validation on packed blocks."""
+    B, T = input_ids.shape
+    return next_token_loss(model(input_ids), input_ids, reduction="sum"), B * (T - 1)
 
 
 def count_targets(targets: torch.Tensor) -> torch.Tensor:

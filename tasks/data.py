@@ -15,11 +15,15 @@ Quora files come in the layouts found in the wild: with or without a header line
 the leading index column, labels `1`/`0` or `1.0`/`0.0`, test files without labels.
 
 No row is ever dropped: a malformed row raises `DataError` naming the file and line.  Prediction
-writers check that there is one prediction per input id before writing (atomically), in the
-starter's exact formats:
+writers check that there is one prediction per input id before writing (atomically), byte for byte
+in the layout of the GPT-2 starter's writers (`classifier.py` / `paraphrase_detection.py` write
+`f"id \\t Predicted_Sentiment \\n"` then `f"{p}, {s} \\n"` per row):
 
-    id \\t Predicted_Sentiment \\n          then   {id} , {label} \\n
-    id \\t Predicted_Is_Paraphrase \\n      then   {id} , {token id} \\n
+    id \\t Predicted_Sentiment \\n          then   {id}, {label} \\n
+    id \\t Predicted_Is_Paraphrase \\n      then   {id}, {token id} \\n
+
+(no space before the comma: `{id} , {value}` is the older minBERT project's format, which the GPT-2
+leaderboard does not use).
 """
 from __future__ import annotations
 
@@ -209,12 +213,17 @@ def read_paraphrase(path: str | Path, labeled: bool = True) -> list[ParaphraseEx
 # ---- prediction files -----------------------------------------------------------------------
 def write_predictions(path: str | Path, header: str, ids: Sequence[str], values: Sequence[int],
                       expected_rows: Optional[int] = None) -> Path:
-    """Write `header` then `{id} , {value} ` per row; refuses a row count that differs from the input's."""
+    """Write `header` then `{id}, {value} ` per row (the starter's `f"{p}, {s} \\n"`); refuses a row count
+    that differs from the input's."""
     if len(ids) != len(values):
         raise ValueError(f"{path}: {len(ids)} ids but {len(values)} predictions")
     if expected_rows is not None and len(ids) != expected_rows:
         raise ValueError(f"{path}: {len(ids)} predictions for {expected_rows} input rows; refusing to write")
-    lines = [f"{header}\n"] + [f"{i} , {int(v)} \n" for i, v in zip(ids, values)]
+    bad = [i for i in ids if not _PREDICTION_ID.fullmatch(str(i))]
+    if bad:
+        raise ValueError(f"{path}: ids must be non-empty without spaces or commas (the row format "
+                         f"'{{id}}, {{value}} '), got {bad[:3]}")
+    lines = [f"{header}\n"] + [f"{i}, {int(v)} \n" for i, v in zip(ids, values)]
     return atomic_write_text(path, "".join(lines))
 
 
@@ -230,11 +239,13 @@ def write_paraphrase_predictions(path, ids, token_ids, expected_rows=None) -> Pa
 
 
 def read_predictions(path: str | Path, header: str, allowed: Sequence[int]) -> list[tuple[str, int]]:
-    """(id, value) rows of a prediction file, checking the exact header and every row's form."""
+    """(id, value) rows of a prediction file, checking the exact header and every row's form: exactly
+    what the starter's writers produce (`{id}, {value} ` per line; CRLF line ends, as the starter
+    writes them on Windows, are accepted too)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", newline=None) as f:  # universal newlines: CRLF -> LF
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -242,10 +253,17 @@ def read_predictions(path: str | Path, header: str, allowed: Sequence[int]) -> l
         raise DataError(f"{path}, line 1: expected the header {header!r}, found {(lines or [''])[0]!r}")
     out = []
     for n, line in enumerate(lines[1:], start=2):
-        m = re.fullmatch(r"(\S+) , (-?\d+) ", line)
+        m = _PREDICTION_ROW.fullmatch(line)
         if not m:
-            raise DataError(f"{path}, line {n}: expected '{{id}} , {{value}} ', found {line!r}")
+            hint = " (the minBERT format '{id} , {value} ' has a space before the comma)" \
+                if re.fullmatch(r"\S+ , -?\d+ ?", line) else ""
+            raise DataError(f"{path}, line {n}: expected '{{id}}, {{value}} ' as the starter writes it, "
+                            f"found {line!r}{hint}")
         if int(m.group(2)) not in allowed:
             raise DataError(f"{path}, line {n}: value {m.group(2)} not in {sorted(allowed)}")
         out.append((m.group(1), int(m.group(2))))
     return out
+
+
+_PREDICTION_ID = re.compile(r"[^\s,]+")
+_PREDICTION_ROW = re.compile(rf"({_PREDICTION_ID.pattern}), (-?\d+) ")

@@ -31,17 +31,23 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> tu
     seconds = tokenizer([b for _, b in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     out, truncated = [], 0
     for a, b in zip(firsts, seconds):
-        if len(a) + len(b) > budget:
-            truncated += 1
-            half = budget // 2
-            if len(a) <= half:
-                b = b[: budget - len(a)]
-            elif len(b) <= budget - half:
-                a = a[: budget - len(b)]
-            else:
-                a, b = a[:half], b[: budget - half]
+        a, b, cut = fit_pair(a, b, budget)
+        truncated += cut
         out.append(pre + a + mid + b + suf)
     return out, truncated
+
+
+def fit_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int], bool]:
+    """Two token sequences cut to `budget` tokens together, each keeping its beginning: the longer one
+    is cut first, and when both are long each keeps about half.  Returns (a, b, whether anything was cut)."""
+    if len(a) + len(b) <= budget:
+        return a, b, False
+    half = budget // 2
+    if len(a) <= half:
+        return a, b[: budget - len(a)], True
+    if len(b) <= budget - half:
+        return a[: budget - len(b)], b, True
+    return a[:half], b[: budget - half], True
 
 
 def answer_logits(last_hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:

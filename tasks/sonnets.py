@@ -5,7 +5,8 @@ Two layouts, both plain text (CRLF or LF):
 * `sonnets.txt`-style (`sonnets.txt`, `sonnets_held_out*.txt`, `TRUE_sonnets_held_out_dev.txt`):
   a free-form header, then each sonnet introduced by a line that holds only its number.
 * the generated-sonnets output: a first line `--Generated Sonnets-- `, then for each sonnet
-  `\\n{index}\\n{text}\\n\\n` (exactly what the starter's `sonnet_generation.py` writes).
+  `\\n{index}\\n{text}\\n\\n` with its 0-based index (exactly what the starter's
+  `sonnet_generation.py` writes).
 
 Files are read as UTF-8 (`common.io.read_text`: a byte-order mark is dropped, so it cannot hide the
 first number line; invalid bytes are a `DataError` naming the line).  Parsing follows the starter's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Sequence
 
 from common.errors import DataError
 from common.io import atomic_write_text, read_text
@@ -84,13 +86,18 @@ def read_generated_sonnets(path: str | Path) -> list[tuple[int, str]]:
     return _split_numbered(text, path)
 
 
-def write_generated_sonnets(path: str | Path, items: list[tuple[int, str]]) -> Path:
-    """Write `items` [(index, text)] in the starter's generated-sonnets layout, atomically
-    (a temporary file in the same directory, then a rename)."""
-    path = Path(path)
+def write_generated_sonnets(path: str | Path, sonnets: Sequence[str]) -> Path:
+    """Write `sonnets` (texts, in the order of their prompts) in the starter's generated-sonnets layout,
+    atomically (a temporary file in the same directory, then a rename).
+
+    Each sonnet is numbered by its 0-based position, as the starter's `sonnet_generation.py` does
+    (`SonnetsDataset.__getitem__` returns `(idx, text)` and the index is what it writes), not by the
+    sonnet number of its prompt: the leaderboard pairs the i-th generated sonnet with the i-th prompt.
+    """
     parts = [f"{GENERATED_HEADER} \n\n"]
-    for index, sonnet in items:
-        if not isinstance(index, int):
-            raise TypeError(f"sonnet index must be an int, got {index!r}")
+    for index, sonnet in enumerate(sonnets):
+        if not isinstance(sonnet, str):
+            raise TypeError(f"write_generated_sonnets takes the sonnet texts in prompt order (numbered 0, 1, ... "
+                            f"as the starter does); item {index} is {type(sonnet).__name__}: {sonnet!r:.60}")
         parts.append(f"\n{index}\n{sonnet}\n\n")
     return atomic_write_text(path, "".join(parts))

@@ -4,7 +4,8 @@ that creates its default run directory at an agreed instant.
 
     python tests/fault_worker.py train RUN_DIR NAME:N [FLAG ...]   # killed in the N-th write of NAME
     python tests/fault_worker.py lock RUN_DIR                      # hold RUN_DIR's lock until stdin closes
-    python tests/fault_worker.py newdir ROOT START_AT              # at time START_AT: a new default run dir
+    python tests/fault_worker.py newdir ROOT START_AT GO_FILE      # once GO_FILE exists: a new default run
+                                                                   # dir, the clock frozen at START_AT
 
 `regression_run` is the training run itself; the test calls it in its own process too (the
 uninterrupted reference and the resumed run), so all three are the same computation.
@@ -78,7 +79,11 @@ def main(argv: list[str]) -> int:
             print("locked", flush=True)
             sys.stdin.read()  # hold the lock until the test closes our stdin (or kills us)
         elif mode == "newdir":
-            time.sleep(max(0.0, float(argv[2]) - time.time()))
+            frozen = time.gmtime(float(argv[2]))  # every worker in the same second, however late it started
+            time.gmtime = lambda *_: frozen
+            print("ready", flush=True)
+            while not Path(argv[3]).exists():  # start together
+                time.sleep(0.001)
             path = new_run_dir("sweep", argv[1])
             lock_run_dir(path)
             print(path, flush=True)

@@ -162,7 +162,14 @@ def test_sonnet_runs_save_outputs_and_are_ensembled_by_consensus(tmp_path, token
                              "--task", "sonnet", "--out", str(tmp_path / "ens")])
     assert summary["results"]["sonnet-dev"]["chosen_per_member"][2] == 0
     assert "chrf" in summary["results"]["sonnet-dev"]["ensemble"]
-    assert [n for n, _ in read_generated_sonnets(tmp_path / "ens" / saved.prediction_file)] == [132, 133]
+    # The starter's layout: numbered 0, 1, ... in the first member's prompt order (the i-th sonnet answers
+    # the i-th prompt), each text one member's sonnet for that prompt, every prompt answered once.
+    written = read_generated_sonnets(tmp_path / "ens" / saved.prediction_file)
+    assert [n for n, _ in written] == [0, 1]
+    chosen = summary["results"]["sonnet-dev"]
+    assert [t for _, t in written] == [t for t in read_outputs(outputs_path(tmp_path / "ens", "sonnet", "dev")).texts]
+    assert all(t in (saved.texts[i], saved.texts[i] + " and more") for i, (_, t) in enumerate(written)), chosen
+    assert len(read_generated_sonnets(tmp_path / "ens" / saved_test.prediction_file)) == 1
     with pytest.raises(UserError, match="no vote"):
         ensemble.main(["--runs", str(tmp_path / "t"), str(tmp_path / "u"), "--method", "vote", "--out",
                        str(tmp_path / "e2")])

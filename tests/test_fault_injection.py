@@ -178,9 +178,13 @@ def test_a_second_process_on_a_locked_run_dir_is_refused_and_a_dead_holder_frees
 
 
 def test_runs_started_in_the_same_second_get_their_own_default_dirs(tmp_path):
-    start_at = math.ceil(time.time()) + 3  # all of them at the start of one second
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "newdir", str(tmp_path), str(start_at)],
+    start_at = math.floor(time.time())  # the workers' clocks are frozen in this second
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "newdir", str(tmp_path), str(start_at), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:  # every worker has imported everything and waits: release them at once
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    go.touch()
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     dirs = [out.strip() for out, _ in outs]

@@ -206,9 +206,17 @@ def test_long_prompts_are_cut_alike_whatever_the_batch_size(tokenizer_dir):
 
 
 # ---- item 8: mismatched sonnet sets, tokenizers, data (data: the resume test above) ----------
+def numbered_generated(path, items):
+    """A generated-sonnets file numbered by sonnet number (what this project wrote before it took the
+    starter's 0-based positions; evaluate_sonnets reads both)."""
+    path.write_text("--Generated Sonnets-- \n\n" + "".join(f"\n{n}\n{t}\n\n" for n, t in items), encoding="utf-8")
+    return path
+
+
 def test_evaluate_sonnets_pairs_by_number_and_refuses_other_sets(tmp_path, capsys):
     import evaluate_sonnets
 
+    write_generated_sonnets = numbered_generated
     rng = random.Random(1)
     a, b = sonnet_text(rng), sonnet_text(rng)
     gold = write_sonnets(tmp_path / "gold.txt", [(132, a), (133, b)])
@@ -299,6 +307,6 @@ def test_outputs_that_collide_with_each_other_or_an_input_are_refused_at_start(t
         para.main([*argv, "--para_dev_out", str(same), "--para_test_out", str(quora)])
     assert not (tmp_path / "run").exists()
     gold = write_sonnets(tmp_path / "gold.txt", [(1, "A line.")])
-    generated = write_generated_sonnets(tmp_path / "gen.txt", [(1, "A line.")])
+    generated = write_generated_sonnets(tmp_path / "gen.txt", ["A line."])
     with pytest.raises(UserError, match=f"--json {gold} is also the input --gold"):
         evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold), "--json", str(gold)])

@@ -48,13 +48,15 @@ def test_real_file_shapes():
 
 
 def test_generated_roundtrip_and_starter_layout(tmp_path):
-    items = [(0, "Shall I compare thee\nto a summer's day?"), (7, "Line one,\n  line two.")]
-    path = write_generated_sonnets(tmp_path / "out" / "gen.txt", items)
+    texts = ["Shall I compare thee\nto a summer's day?", "Line one,\n  line two."]
+    path = write_generated_sonnets(tmp_path / "out" / "gen.txt", texts)
     raw = path.read_text()
     assert raw == ("--Generated Sonnets-- \n\n" "\n0\nShall I compare thee\nto a summer's day?\n\n"
-                   "\n7\nLine one,\n  line two.\n\n")
-    assert read_generated_sonnets(path) == items
-    assert [t for _, t in items] == starter_split(path)
+                   "\n1\nLine one,\n  line two.\n\n")
+    assert read_generated_sonnets(path) == list(enumerate(texts))
+    assert texts == starter_split(path)
+    with pytest.raises(TypeError, match="prompt order"):
+        write_generated_sonnets(tmp_path / "bad.txt", [(145, "numbered by the caller")])
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 

@@ -10,6 +10,7 @@ from common.errors import ConfigError, UserError
 import torch
 
 from cs224n_files import keyword_sentiment, quora_pairs, sonnet_text, write_quora, write_sentiment, write_sonnets
+from starter import assert_starter_layout
 from tasks.data import NO_TOKEN_ID, PARAPHRASE_HEADER, SENTIMENT_HEADER, YES_TOKEN_ID, read_predictions
 
 FAST = ["--model_size", "tiny", "--no_progress", "--batch_size", "8"]
@@ -43,6 +44,7 @@ def test_classifier_end_to_end_both_datasets(tmp_path, tokenizer_dir):
             assert [r[0] for r in rows] == [line.split("\t")[1 if split == "dev" else 2]
                                             for line in open(src).read().splitlines()[1:]]
             assert len(rows) == n
+            assert_starter_layout(path, tmp_path)
     assert (tmp_path / "run" / "sst" / "metrics.jsonl").is_file()
     assert (tmp_path / "run" / "cfimdb" / "best.pt").is_file()
 
@@ -96,6 +98,7 @@ def test_paraphrase_end_to_end(tmp_path, tokenizer_dir):
     for path, n, pairs in ((out_dev, 10, quora_pairs(10, 2)), (out_test, 7, quora_pairs(7, 3))):
         rows = read_predictions(path, PARAPHRASE_HEADER, (YES_TOKEN_ID, NO_TOKEN_ID))
         assert [r[0] for r in rows] == [p[0] for p in pairs] and len(rows) == n
+        assert_starter_layout(path, tmp_path)
 
 
 def test_paraphrase_prompt_and_truncation(tokenizer_dir):
@@ -131,10 +134,11 @@ def test_sonnet_end_to_end(tmp_path, tokenizer_dir):
     metrics = sg.main(args)
     assert metrics["loss"] > 0 and 0 <= metrics["chrf"] <= 100
     written = read_generated_sonnets(out)
-    assert [n for n, _ in written] == [145, 146]
+    assert [n for n, _ in written] == [0, 1]  # the starter's 0-based index
     assert all(text.startswith(prompt) for (_, text), (_, prompt) in zip(written, test_prompts))
-    assert out.read_text().startswith("--Generated Sonnets-- \n\n\n145\n")
-    assert [n for n, _ in read_generated_sonnets(dev_out)] == [132, 133, 134]
+    assert out.read_text().startswith("--Generated Sonnets-- \n\n\n0\n")
+    assert_starter_layout(out, tmp_path)
+    assert [n for n, _ in read_generated_sonnets(dev_out)] == [0, 1, 2]
     # The same seed gives the same sonnets, also when the best epoch is chosen by dev loss.
     # The same seed gives the same sonnets (one epoch: the best epoch is the same whatever selects it).
     first = out.read_text()

@@ -10,7 +10,7 @@ line naming it, with exit status 2 and no traceback.
                        (training scripts: + --hidden_dropout / --attention_dropout and sparse attention)
     add_device_args    --device {auto,cpu,cuda,cuda:N}, --use_gpu (the starter's spelling of --device cuda)
     add_common_args    everything a training script shares (model, device, optimisation, run,
-                       LoRA / freezing, speed, sparse attention)
+                       LoRA / freezing, speed, sparse attention, --export_hf)
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 
 from common.errors import ConfigError, UserError
 from training.config import (Decoding, EfficiencyConfig, FreezeMode, GenerationConfig, ModelConfig, PeftMethod,
-                             Precision, RunConfig, ScheduleName, TrainConfig, choices)
+                             Precision, ReportTo, RunConfig, ScheduleName, TrainConfig, choices)
 
 # Config fields whose flag is not `--<field>` (GPT2Config fields included: errors raised while building a model).
 FIELD_FLAGS = {
@@ -32,7 +32,7 @@ FIELD_FLAGS = {
 }
 # Flags that may differ between a run and its resumption: they do not change what is trained.
 RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress", "compile", "peak_flops", "merge_lora",
-               "device", "use_gpu"}
+               "device", "use_gpu", "export_hf", "export_allow_dense", "report_to", "sweep_control"}
 
 
 def flag_for(field: str, extra: Optional[dict] = None) -> str:
@@ -91,8 +91,14 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse_layers", type=str, default=None,
                    help="which layers use --attention (the rest stay dense): all, even, odd, or "
                         "comma-separated layer indices such as 0,2,5 (default all)")
+    g.add_argument("--attention_global_tokens", type=int, default=None, metavar="N",
+                   help="Longformer-style global tokens: the first N positions of every row attend to every "
+                        "earlier position and every query attends to them (sparse patterns only; default 0)")
     g.add_argument("--attention_backend", choices=BACKENDS, default=None,
-                   help="execution path of the sparse layers; auto picks the fastest correct one (default)")
+                   help="execution path of the sparse layers: sdpa (dense SDPA with a boolean mask, the reference), "
+                        "sparse (blocked/gathered attention whose work grows like T x keys, dropout included), flex "
+                        "(FlexAttention block masks, compiled on CUDA, no dropout), auto (default: the fastest "
+                        "correct one for the device, pattern, length and dropout; modules/attention_patterns.py)")
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:
@@ -103,8 +109,21 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     g.add_argument("--batch_size", type=int, default=batch_size, help="examples per micro-batch")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
-                   help="adamw: ours (optimizer.py, the default); sgd: torch's SGD with --momentum")
+                   help="adamw: ours (optimizer.py, the default); sgd: torch's SGD with --momentum; soap / shampoo: "
+                        "second-order (optim/, docs/optimizers.md); the rest: torch.optim's own "
+                        "(training/torch_optimizers.py)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--precondition_frequency", type=int, default=10,
+                   help="SOAP/Shampoo: optimiser steps between preconditioner updates")
+    g.add_argument("--max_precond_dim", type=int, default=10000,
+                   help="SOAP/Shampoo: matrices with a larger dimension take AdamW steps")
+    g.add_argument("--shampoo_beta", type=float, default=None,
+                   help="SOAP/Shampoo: EMA of the Kronecker factors (default: the second Adam beta; 1 = sums)")
+    g.add_argument("--precondition_embeddings", action="store_true",
+                   help="SOAP/Shampoo: precondition the embedding matrices too (default: AdamW steps for them)")
+    g.add_argument("--shampoo_grafting", choices=["adam", "none"], default="adam",
+                   help="Shampoo: step size grafted from Adam (default) or the raw preconditioned step")
+    g.add_argument("--matrix_eps", type=float, default=1e-6, help="Shampoo: damping before the inverse roots")
     g.add_argument("--weight_decay", type=float, default=0.0,
                    help="decoupled weight decay, applied only to trainable tensors with >= 2 dims")
     g.add_argument("--lr_schedule", choices=choices(ScheduleName), default="linear",
@@ -130,6 +149,13 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
                    help="stop (as if interrupted) after this many epochs, leaving a resumable checkpoint")
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples of every split (smoke runs)")
     g.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
+    g.add_argument("--report_to", choices=choices(ReportTo), default="none",
+                   help="also send every metrics.jsonl record to an experiment tracker: tensorboard (event files "
+                        "in the run dir: scalars per step and per epoch, the flags as hparams) or wandb (needs "
+                        "`pip install wandb`; offline unless WANDB_MODE is set); metrics.jsonl stays the record")
+    g.add_argument("--sweep_control", default=None, metavar="DIR",
+                   help="set by sweep.py: after each epoch the run reports its dev metrics in DIR and waits for the "
+                        "sweep's decision to continue or stop (pruning)")
 
 
 def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +178,12 @@ def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
                    help="freeze part of the model: embeddings; first-half (embeddings + first half of the layers); "
                         "first-n (embeddings + first --freeze_layers layers); all-but-head (train the task head only)")
     g.add_argument("--freeze_layers", type=int, default=None, metavar="N", help="layers frozen by --freeze first-n")
+    g.add_argument("--qat", choices=["none", "int8", "int4"], default="none",
+                   help="quantization-aware training: every block linear layer computes with its weights fake-"
+                        "quantized (straight-through gradients), so the model survives quantize.py's int8/int4; "
+                        "docs/quantization.md")
+    g.add_argument("--qat_group_size", type=int, default=128,
+                   help="--qat int4: weights per scale group (must divide the layer widths; 64 for the tiny model)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute each transformer layer in the backward pass: less activation memory, ~1/3 "
                         "more compute")
@@ -167,6 +199,21 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--peak_flops", type=float, default=None,
                    help="peak FLOP/s of one device for MFU (default: a table of known GPUs; on the CPU "
                         "no MFU is reported unless this is given)")
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """--export_hf: the trained model for transformers' real clients (training/runner.py ScriptRun.export)."""
+    g = parser.add_argument_group("export")
+    g.add_argument("--export_hf", type=str, default=None, metavar="DIR",
+                   help="after training, write the trained model to DIR as a complete Hugging Face directory "
+                        "(config.json, model.safetensors, generation_config.json, vocab.json, merges.txt, "
+                        "tokenizer_config.json) that transformers' AutoModelForCausalLM, AutoTokenizer and pipeline "
+                        "load; LoRA is merged into the weights and the adapter is also saved in peft's format in "
+                        "DIR/lora_adapter; classifier.py writes DIR/sst and DIR/cfimdb (the GPT-2 backbone: the "
+                        "classifier head stays in the run's best.pt). DIR must be new, empty or a previous export")
+    g.add_argument("--export_allow_dense", action="store_true",
+                   help="with --export_hf, export a sparse-attention model anyway: config.json records the pattern "
+                        "(our loader restores it) but transformers runs every layer dense, so its outputs differ")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
@@ -224,6 +271,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_
     add_device_args(parser)
     add_efficiency_args(parser)
     add_speed_args(parser)
+    add_export_args(parser)
     return parser
 
 
@@ -257,7 +305,9 @@ def build_configs(args: argparse.Namespace, resume_free: Iterable[str] = ()) -> 
                   resume=bool(getattr(args, "resume", None))) if hasattr(args, "epochs") else TrainConfig()
     cfg = RunConfig(model=_fill(ModelConfig, args), train=train, efficiency=_fill(EfficiencyConfig, args),
                     device=device, run_dir=getattr(args, "resume", None) or getattr(args, "run_dir", None),
-                    signature=signature(args, resume_free))
+                    signature=signature(args, resume_free), export_hf=getattr(args, "export_hf", None),
+                    export_allow_dense=getattr(args, "export_allow_dense", False),
+                    report_to=getattr(args, "report_to", "none"), sweep_control=getattr(args, "sweep_control", None))
     cfg.validate()
     check_device(device)
     if cfg.train.fsdp and env_world_size() < 2:
@@ -334,8 +384,11 @@ def resolve_device(device: str):
 
 
 def entry_point(main: Callable, field_flags: Optional[dict] = None) -> Callable:
-    """Wrap a script's `main(argv)` so that a UserError (and a ConfigError, rewritten with the flag
-    of its field) ends the process with one line on stderr and exit status 2, and a ^C with 130."""
+    """Wrap a script's `main(argv)` so that a UserError or a weights file that cannot be used (and a
+    ConfigError, rewritten with the flag of its field) ends the process with one line on stderr and
+    exit status 2, and a ^C with 130."""
+    from models.hf_io import WeightsFileError  # models/ cannot depend on common/: its own user error
+
     @functools.wraps(main)
     def run(argv=None):
         prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "script"
@@ -343,7 +396,7 @@ def entry_point(main: Callable, field_flags: Optional[dict] = None) -> Callable:
             return main(argv)
         except ConfigError as exc:
             print(f"{prog}: error: {usage_message(exc, field_flags)}", file=sys.stderr)
-        except UserError as exc:
+        except (UserError, WeightsFileError) as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)

@@ -11,7 +11,8 @@ see an argparse namespace.  Validation errors are `ConfigError`s naming the FIEL
                       rules, run directory behaviour, speed switches
     EfficiencyConfig  parameter- and memory-efficient fine-tuning: LoRA, freezing, checkpointing
     GenerationConfig  a decoding strategy and its settings -> keyword arguments of `generate()`
-    RunConfig         the three plus the device and the run's resume signature
+    RunConfig         the three plus the device, the run's resume signature, the experiment tracker
+                      (`report_to`) and a sweep's control directory (`sweep_control`)
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from typing import Literal, Optional, get_args
 from common.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
-OptimizerName = Literal["adamw", "sgd"]
+OptimizerName = Literal["adamw", "sgd", "soap", "shampoo"]
 ScheduleName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
 PeftMethod = Literal["none", "lora"]
 FreezeMode = Literal["none", "embeddings", "first-half", "first-n", "all-but-head"]
 Decoding = Literal["greedy", "sample", "top-k", "top-p", "top-k-p", "beam"]
+ReportTo = Literal["none", "tensorboard", "wandb"]  # experiment trackers fed from the metrics log
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -69,6 +71,7 @@ class ModelConfig:
     attention_window: Optional[int] = None
     sparse_layers: Optional[str] = None
     attention_backend: Optional[str] = None
+    attention_global_tokens: Optional[int] = None
 
     @property
     def spec(self) -> str:
@@ -79,7 +82,8 @@ class ModelConfig:
         """GPT2Config field -> value for every override that was set."""
         out = {"hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout,
                "attention": self.attention, "attention_window": self.attention_window,
-               "sparse_layers": self.sparse_layers, "attention_backend": self.attention_backend}
+               "sparse_layers": self.sparse_layers, "attention_backend": self.attention_backend,
+               "attention_global_tokens": self.attention_global_tokens}
         return {k: v for k, v in out.items() if v is not None}
 
     def validate(self) -> None:
@@ -94,6 +98,7 @@ class ModelConfig:
         check_number("max_length", self.max_length, low=8, integer=True, optional=True)
         for name in ("hidden_dropout", "attention_dropout"):
             check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True, optional=True)
+        check_number("attention_global_tokens", self.attention_global_tokens, low=0, integer=True, optional=True)
         if self.attention is not None or self.attention_backend is not None or self.attention_window is not None \
                 or self.sparse_layers is not None:
             from modules.attention_patterns import BACKENDS, PATTERNS, parse_sparse_layers
@@ -120,6 +125,12 @@ class TrainConfig:
     lr_schedule: ScheduleName = "linear"
     optimizer: OptimizerName = "adamw"
     momentum: float = 0.9  # SGD momentum
+    precondition_frequency: int = 10  # SOAP / Shampoo: steps between preconditioner (eigenbasis, root) updates
+    max_precond_dim: int = 10000  # SOAP / Shampoo: larger dimensions fall back to AdamW
+    shampoo_beta: Optional[float] = None  # SOAP / Shampoo: factor EMA (None: the second beta; 1: sums)
+    precondition_embeddings: bool = False  # SOAP / Shampoo: precondition nn.Embedding weights too
+    shampoo_grafting: Literal["adam", "none"] = "adam"  # Shampoo: step size grafted from Adam, or raw
+    matrix_eps: float = 1e-6  # Shampoo: damping of the factors before the inverse roots
     layer_lr_decay: float = 1.0  # learning rate x decay^(layers above): 1 = the same everywhere
     grad_accum: int = 1  # micro-batches per optimiser step
     max_grad_norm: float = 1.0  # <= 0: no clipping
@@ -142,6 +153,12 @@ class TrainConfig:
         check_number("weight_decay", self.weight_decay, low=0.0)
         check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
         check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_number("precondition_frequency", self.precondition_frequency, low=1, integer=True)
+        check_number("max_precond_dim", self.max_precond_dim, low=1, integer=True)
+        check_number("shampoo_beta", self.shampoo_beta, low=0.0, high=1.0, optional=True)
+        check_number("matrix_eps", self.matrix_eps, low=0.0, low_open=True)
+        if self.shampoo_grafting not in ("adam", "none"):
+            raise ConfigError("shampoo_grafting", f"{self.shampoo_grafting!r} is not one of adam, none")
         check_number("layer_lr_decay", self.layer_lr_decay, low=0.0, high=1.0, low_open=True)
         check_number("max_grad_norm", self.max_grad_norm)
         check_number("seed", self.seed, low=0, integer=True)
@@ -168,9 +185,14 @@ class EfficiencyConfig:
     freeze: FreezeMode = "none"
     freeze_layers: Optional[int] = None  # with freeze = first-n
     grad_checkpointing: bool = False
+    qat: Literal["none", "int8", "int4"] = "none"  # quantization-aware training (fake-quantized linears)
+    qat_group_size: int = 128  # qat int4: weights per scale group (must divide the layer widths)
 
     def validate(self) -> None:
         check_choice("peft", self.peft, PeftMethod)
+        if self.qat not in ("none", "int8", "int4"):
+            raise ConfigError("qat", f"{self.qat!r} is not one of none, int8, int4")
+        check_number("qat_group_size", self.qat_group_size, low=1, integer=True)
         check_choice("freeze", self.freeze, FreezeMode)
         if self.peft == "lora":
             check_number("lora_r", self.lora_r, low=1, integer=True)
@@ -242,15 +264,44 @@ class RunConfig:
     run_dir: Optional[str] = None
     # The settings a resumed run must share with the run it continues ({flag: value}); made by the CLI.
     signature: dict = field(default_factory=dict)
+    export_hf: Optional[str] = None  # after training: the model as a complete Hugging Face directory
+    export_allow_dense: bool = False  # export a sparse-attention model although transformers runs it dense
+    report_to: ReportTo = "none"  # also mirror metrics.jsonl to TensorBoard event files or wandb
+    sweep_control: Optional[str] = None  # set by sweep.py: where the trial reports epochs and reads prune decisions
 
     def validate(self) -> "RunConfig":
         self.model.validate()
         self.train.validate()
         self.efficiency.validate()
+        if self.train.fsdp and self.train.optimizer in ("soap", "shampoo"):
+            raise ConfigError("optimizer", f"{self.train.optimizer} preconditions whole matrices; a shard's Gram matrix "
+                              f"is not the matrix's factor, so it cannot run under fsdp: use DDP (drop --fsdp)")
+        self.validate_export()
+        check_choice("report_to", self.report_to, ReportTo)
+        if self.train.fsdp and self.efficiency.qat != "none":
+            raise ConfigError("qat", "fake quantization of sharded weights is not supported; drop --fsdp (DDP works)")
         if self.train.fsdp and self.efficiency.peft != "none":
             raise ConfigError("fsdp", "FSDP with peft lora is not supported (adapter-only checkpoints are not gathered "
                               "across shards); LoRA models are small enough for DistributedDataParallel: drop fsdp")
         return self
+
+    def validate_export(self) -> None:
+        """Before any work: the export directory is safe to (re)place, and a sparse pattern asked for by
+        the flags is not exported to transformers (which would run it dense) unless allowed.  A pattern
+        that comes from a checkpoint's config.json is checked once the model is built (ScriptRun.build)."""
+        if self.export_hf is None:
+            if self.export_allow_dense:
+                raise ConfigError("export_allow_dense", "goes with export_hf (it allows exporting a sparse model)")
+            return
+        from models.hf_export import export_target_problem
+
+        problem = export_target_problem(self.export_hf)
+        if problem:
+            raise ConfigError("export_hf", problem)
+        if self.model.attention not in (None, "dense") and not self.export_allow_dense:
+            raise ConfigError("export_hf", f"the model will use {self.model.attention} attention, which transformers "
+                              f"does not have: the exported model would run dense there. Set export_allow_dense "
+                              f"to export it anyway (config.json records the pattern; our loader restores it)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -213,6 +214,40 @@ def load_model_state(model: nn.Module, state: dict) -> None:
         model.load_state_dict(state)
 
 
+PEFT_PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model
+
+
+def save_peft_adapter(state: dict, directory, base_model: str = "") -> Path:
+    """An `adapter_state` checkpoint in peft's own format: `adapter_config.json` (a LoraConfig) and
+    `adapter_model.safetensors` (the tensors under PeftModel's names), which
+    `peft.PeftModel.from_pretrained(model, directory)` restores on the model the adapters were
+    trained on (the same class, with the base weights; `base_model` is recorded as
+    base_model_name_or_path).  Written into a temporary directory, then renamed."""
+    import shutil
+    import tempfile
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if state.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"not a LoRA adapter checkpoint (format {state.get('format')!r})")
+    lora = LoraSettings(**state["lora"])
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
+                        modules_to_save=lora.modules_to_save or None, bias="none", base_model_name_or_path=base_model)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        config.save_pretrained(str(tmp))
+        tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state["tensors"].items()}
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
 # ---- freezing ---------------------------------------------------------------------------------
 def freeze_parameters(model: nn.Module, mode: str, n_layers: Optional[int] = None,
            head: Optional[Iterable[str]] = None) -> list[str]:
@@ -339,7 +374,18 @@ def prepare_model(model: nn.Module, cfg, head: Optional[Iterable[str]] = None) -
         return done
     heads = list(head if head is not None else getattr(model, "head_modules", ()))
     applied = {"peft": cfg.peft, "freeze": cfg.freeze, "grad_checkpointing": bool(cfg.grad_checkpointing),
-               "merge_lora": bool(cfg.merge_lora)}
+               "merge_lora": bool(cfg.merge_lora), "qat": getattr(cfg, "qat", "none")}
+    if cfg.peft != "none" and getattr(_backbone(model), "quantization", None) is not None:
+        raise ConfigError("peft", "the model is quantized (a quantize.py output): its weights are integer buffers "
+                          "that adapters cannot wrap; fine-tune the fp32 model, with --qat to prepare it for quantizing")
+    if applied["qat"] != "none":  # before LoRA: the adapters wrap the fake-quantized layers
+        from models.quant.qat import prepare_qat, qat_spec
+
+        try:
+            prepare_qat(_backbone(model), qat_spec(cfg.qat, cfg.qat_group_size))
+        except ValueError as exc:
+            raise ConfigError("qat_group_size" if "group" in str(exc) else "qat", str(exc)) from None
+        applied["qat_group_size"] = cfg.qat_group_size if cfg.qat == "int4" else None
     if cfg.peft == "lora":
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, modules_to_save=heads)
         applied["lora"] = lora_settings(model).to_dict()

@@ -8,8 +8,11 @@ transformer layers, L + 1 the final LayerNorm and task heads (full rate).  A tas
 its own (`Callback.param_groups`), e.g. projections trained with a different rate.
 
 Optimisers: `adamw` = ours (optimizer.py, the handout's AdamW, the default); `sgd` = torch's SGD with
-momentum.  Schedules map the optimiser step to a factor of the peak rate: linear warm-up over
-`warmup_steps`, then linear decay (`linear`), half-cosine decay to 0 (`cosine`), constant
+momentum; `soap` (Vyas et al., 2024) and `shampoo` (Gupta et al., 2018) = ours (optim/), which
+precondition the 2-D tensors of groups with `precondition` True (no larger than `max_precond_dim`)
+and give every other tensor our AdamW's step; `torch_adamw`, `adam`, `radam`, `nadam`, `adafactor`,
+`adagrad`, `rmsprop` = torch.optim's own (training/torch_optimizers.py).  Schedules map the optimiser
+step to a factor of the peak rate: linear warm-up over `warmup_steps`, then linear decay (`linear`), half-cosine decay to 0 (`cosine`), constant
 (`constant`), or 1/sqrt(step) decay (`inverse_sqrt`, Vaswani et al., 2017).
 """
 from __future__ import annotations
@@ -35,9 +38,24 @@ def _sgd(groups, cfg):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
 
 
+def _soap(groups, cfg):
+    from optim import SOAP
+
+    return SOAP(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, shampoo_beta=cfg.shampoo_beta,
+                precondition_frequency=cfg.precondition_frequency, max_precond_dim=cfg.max_precond_dim)
+
+
+def _shampoo(groups, cfg):
+    from optim import Shampoo
+
+    return Shampoo(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, shampoo_beta=cfg.shampoo_beta,
+                   matrix_eps=cfg.matrix_eps, precondition_frequency=cfg.precondition_frequency,
+                   max_precond_dim=cfg.max_precond_dim, grafting=cfg.shampoo_grafting)
+
+
 # name -> builder(param groups, TrainConfig) -> torch.optim.Optimizer.  Group "weight_decay" values
 # are honoured by every optimiser (SGD: coupled L2, as torch's SGD defines it).
-OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "sgd": _sgd}
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "sgd": _sgd, "soap": _soap, "shampoo": _shampoo}
 OPTIMIZERS.update(TORCH_OPTIMIZERS)  # torch.optim's own (training/torch_optimizers.py)
 
 _LAYER = re.compile(r"(?:^|\.)gpt_layers\.(\d+)\.")
@@ -58,26 +76,32 @@ def _num_layers(model: nn.Module) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0,
-                 extra: Iterable[dict] = ()) -> list[dict]:
-    """The optimiser's parameter groups for `model`'s trainable parameters (tied ones once); each group
-    carries `lr_scale` (1 unless layer-wise decay) that `build_optimizer` multiplies into its rate."""
+                 extra: Iterable[dict] = (), precondition_embeddings: bool = False) -> list[dict]:
+    """The optimiser's parameter groups for `model`'s trainable parameters (tied ones once).
+
+    Each group carries `lr_scale` (1 unless layer-wise decay), which `build_optimizer` multiplies into
+    its rate, and `precondition` (read by SOAP / Shampoo, optim/common.py; other optimisers ignore
+    it): False for nn.Embedding weights unless `precondition_embeddings` (GPT-2's 50257 x D tied
+    embedding is far past any preconditioner size), True for everything else."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     seen, buckets = set(), {}
     num_layers = _num_layers(model)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        decay = p.dim() >= 2
+        decay, embedding = p.dim() >= 2, id(p) in embeddings
         depth = layer_depth(name, num_layers) if layer_lr_decay != 1.0 else num_layers + 1
-        key = (decay, depth)
-        buckets.setdefault(key, []).append(p)
+        buckets.setdefault((decay, embedding, depth), []).append(p)
+    order = sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1], kv[0][2]))
     groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
-               "lr_scale": layer_lr_decay ** (num_layers + 1 - depth)}
-              for (decay, depth), ps in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+               "lr_scale": layer_lr_decay ** (num_layers + 1 - depth),
+               "precondition": precondition_embeddings if embedding else True}
+              for (decay, embedding, depth), ps in order]
     for g in extra:
         if any(id(p) in seen for p in g["params"]):
             raise ValueError("an extra parameter group repeats parameters of the model")
-        groups.append({"weight_decay": 0.0, "lr_scale": 1.0, **g})
+        groups.append({"weight_decay": 0.0, "lr_scale": 1.0, "precondition": True, **g})
     if not groups:
         raise ConfigError("freeze", "the model has no trainable parameters (everything is frozen)")
     return groups
@@ -87,7 +111,7 @@ def build_optimizer(model: nn.Module, cfg, extra_groups: Iterable[dict] = ()) ->
     """The optimiser `cfg.optimizer` (a TrainConfig) over `param_groups(model, ...)`."""
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError("optimizer", f"{cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, extra_groups)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay, extra_groups, cfg.precondition_embeddings)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     return OPTIMIZERS[cfg.optimizer](groups, cfg)

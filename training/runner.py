@@ -3,7 +3,7 @@ tokenizer -> model -> `Trainer.fit` -> predictions.
 
     run = ScriptRun.start("classifier", args)        # validates every flag first (exit 2 on a bad one)
     model = run.build(GPT2LMHeadModel)               # --model_size / --init_checkpoint + overrides
-    result = run.fit(model, task)                    # the shared trainer with the run's configs
+    result = run.fit(model, task)                    # the shared trainer; then --export_hf, if given
     if result.interrupted: return                    # --stop_after_epoch: resumable
 
 A script keeps only what is its own: its flags, how it reads and encodes its data, its TrainTask and
@@ -13,12 +13,15 @@ Two start-up checks guard a run against inputs that do not match it: `data=` nam
 files that decide what is trained (training and dev data); a SHA-256 of each goes into the run's
 signature, so `--resume` after one of them changed is refused naming the file.  And the tokenizer
 must fit the model: an id beyond the embedding would crash mid-training with an IndexError.
+
+Every metrics log gets the sinks of `--report_to` (training/tracking.py),
+and under `--sweep_control DIR` (set by sweep.py) every task a `SweepReporter` (training/pruning.py).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -52,10 +55,25 @@ class ScriptRun:
         `data`: the flags (namespace fields) of the files that decide training, fingerprinted."""
         cfg = build_configs(args, resume_free)
         cfg.signature.update(data_fingerprints(args, data))
+        return cls.from_config(script, cfg)
+
+    @classmethod
+    def from_config(cls, script: str, cfg: RunConfig) -> "ScriptRun":
+        """`start` from an already validated RunConfig (an orchestrator running several trainings)."""
         device = resolve_device(cfg.device)
         run_dir = open_run_dir(script, cfg.run_dir, cfg.train.resume)
         seed_everything(cfg.train.seed)
-        return cls(script, cfg, device, run_dir, MetricsLog(run_dir / "metrics.jsonl"))
+        return cls(script, cfg, device, run_dir, cls._metrics_log(cfg, script, run_dir))
+
+    @staticmethod
+    def _metrics_log(cfg: RunConfig, script: str, log_dir: Path, sub: Optional[str] = None) -> MetricsLog:
+        """RUN_DIR[/sub]/metrics.jsonl, mirrored to the tracker of `--report_to` (rank 0 only)."""
+        from training.distributed import is_main
+        from training.tracking import build_sinks
+
+        sinks = build_sinks(cfg.report_to, log_dir, name=f"{script}-{Path(cfg.run_dir or log_dir).name}",
+                            hparams=cfg.signature, prefix=f"{sub}/" if sub else "") if is_main() else []
+        return MetricsLog(log_dir / "metrics.jsonl", sinks)
 
     @property
     def tokenizer(self):
@@ -72,6 +90,7 @@ class ScriptRun:
         except WeightsFileError as exc:
             raise CheckpointError(str(exc)) from None
         self.check_tokenizer(model)
+        self._check_exportable(model.config)  # before training: a pattern from a checkpoint's config.json
         return model.to(self.device)
 
     def check_tokenizer(self, model) -> None:
@@ -96,14 +115,65 @@ class ScriptRun:
         directory, several tasks; `--resume RUN_DIR` continues all of them)."""
         self.check_tokenizer(model)
         run_dir = self.run_dir / sub if sub else self.run_dir
-        log = MetricsLog(run_dir / "metrics.jsonl") if sub else self.log
-        run_info = {"script": self.script, "task": task.name, "model": asdict(self.cfg.model),
+        log = self._metrics_log(self.cfg, self.script, run_dir, sub) if sub else self.log
+        if self.cfg.sweep_control:  # a sweep's trial: report every epoch, stop when pruned
+            from training.pruning import SweepReporter
+
+            task = replace(task, callbacks=[*task.callbacks, SweepReporter(self.cfg.sweep_control)])
+        run_info = {"script": self.script, "task": task.name, "metric": task.metric,
+                    "higher_is_better": task.higher_is_better, "model": asdict(self.cfg.model),
                     "efficiency": asdict(self.cfg.efficiency)}
         return Trainer(model, task, self.cfg.train, self.device, run_dir, log, resume_dir=self.run_dir,
                        efficiency=self.cfg.efficiency, signature=self.cfg.signature, run_info=run_info)
 
-    def fit(self, model, task: TrainTask, sub: Optional[str] = None) -> FitResult:
-        return self.trainer(model, task, sub).fit()
+    def fit(self, model, task: TrainTask, sub: Optional[str] = None, trainer: Optional[Trainer] = None) -> FitResult:
+        """Train `model` on `task` (with `trainer`, if the script made it with `self.trainer` to log into
+        it first); a completed fit is then exported when `--export_hf` is given (`export`)."""
+        result = (trainer or self.trainer(model, task, sub)).fit()
+        if not result.interrupted:
+            self.export(model, sub)
+        return result
+
+    # ---- --export_hf ----------------------------------------------------------------------------
+    def _check_exportable(self, config) -> None:
+        from models.hf_export import dense_in_transformers_warning
+
+        note = dense_in_transformers_warning(config) if self.cfg.export_hf else None
+        if note and not self.cfg.export_allow_dense:
+            raise ConfigError("export_hf", f"{note}. Set export_allow_dense to export it anyway")
+
+    def export(self, model, sub: Optional[str] = None) -> Optional[Path]:
+        """`--export_hf DIR` (DIR/sub for a script that trains several models): the GPT-2 inside `model`
+        (the LM itself, or a classifier's backbone; a task head is not part of a GPT-2 checkpoint) as a
+        complete Hugging Face directory with the run's tokenizer (models/hf_export.py).  A LoRA model is
+        exported with the adapters merged into the weights (merged on a copy: `model` keeps them), and
+        the adapter itself goes to DIR/lora_adapter in peft's format, for `PeftModel.from_pretrained` on
+        the base model; after `--merge_lora` it is read from the run's best.pt.  Rank 0 writes."""
+        if not self.cfg.export_hf:
+            return None
+        import copy
+
+        from models.hf_export import ADAPTER_DIR, save_hf_checkpoint
+        from training import checkpoint, efficient
+        from training.distributed import is_main
+
+        target = Path(self.cfg.export_hf) / sub if sub else Path(self.cfg.export_hf)
+        source, adapter = model, None
+        if efficient.lora_settings(model) is not None:
+            adapter = efficient.adapter_state(model)
+            source = efficient.merge_lora(copy.deepcopy(model))
+        elif self.cfg.efficiency.peft == "lora":  # --merge_lora merged them in place: the adapter of best.pt
+            adapter = checkpoint.load(checkpoint.checkpoint_file(self.run_dir / sub if sub else self.run_dir))["model"]
+        backbone = efficient._backbone(source)
+        self._check_exportable(backbone.config)
+        if is_main():
+            save_hf_checkpoint(backbone, target, self.tokenizer, write_extra=None if adapter is None else (
+                lambda tmp: efficient.save_peft_adapter(adapter, tmp / ADAPTER_DIR, self.cfg.model.spec)))
+        self.log.write("export", dir=str(target), sub=sub, lora_adapter=adapter is not None)
+        head = " (the GPT-2 backbone; the task head stays in the run's best.pt)" if getattr(model, "head_modules", None) else ""
+        lora = f"; LoRA merged into the weights, the adapter in peft's format in {target / ADAPTER_DIR}" if adapter else ""
+        self.say(f"exported the trained model to {target} in Hugging Face format{head}{lora}")
+        return target
 
 
 def file_sha256(path: str | Path) -> str:
