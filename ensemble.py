@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--runs: a run is given twice (give it a larger --weights instead)")
     if args.weights is not None and len(args.weights) != len(args.runs):
         raise UsageError(f"--weights: {len(args.weights)} weights for {len(args.runs)} runs; give one per run")
+    if args.weights is not None and (not all(0 <= w < float("inf") for w in args.weights) or not sum(args.weights)):
+        raise UsageError(f"--weights {' '.join(map(str, args.weights))}: each must be finite and >= 0, not all 0")
     if Path(args.out).resolve() in {Path(r).resolve() for r in args.runs}:
         raise UsageError(f"--out {args.out} is one of the --runs; writing there would replace that run's outputs")
     return args

@@ -184,11 +184,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{work} exists; remove it, give another --work, or --reuse its finished runs")
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
-    results = {"load_average_start": load, "settings": vars(a)}
-    for name in a.only:
-        results[name] = {"dpo": bench_dpo, "ensemble": bench_ensemble, "smart": bench_smart,
-                         "smart_cost": bench_smart_cost}[name](work, a)
-    results["load_average_end"] = os.getloadavg()[0]
+    results = {}
+    for name in a.only:  # each part keeps its own settings and load: --reuse merges parts of several runs
+        part = {"dpo": bench_dpo, "ensemble": bench_ensemble, "smart": bench_smart,
+                "smart_cost": bench_smart_cost}[name](work, a)
+        results[name] = {**part, "settings": vars(a), "load_average": [load, os.getloadavg()[0]]}
+        load = os.getloadavg()[0]
     from bench.common import RESULTS_DIR
 
     previous = RESULTS_DIR / "objectives.json"

@@ -240,8 +240,26 @@ def test_paraphrase_dpo_encodes_the_detectors_prompt(tmp_path, tokenizer_dir):
     out = dpo.main(["train", "--task", "paraphrase", "--pairs", str(tmp_path / "p.jsonl"), "--dev_pairs",
                     str(tmp_path / "p.jsonl"), "--model_size", "tiny", "--tokenizer", str(tokenizer_dir),
                     "--no_progress", "--epochs", "1", "--run_dir", str(tmp_path / "run"), "--peft", "lora",
-                    "--lora_r", "2"])
+                    "--lora_r", "2", "--lr", "1e-2", "--export_hf", str(tmp_path / "hf")])
     assert 0 <= out["policy_accuracy"] <= 1 and "reference_policy_accuracy" in out
+    assert abs(out["loss"] - math.log(2)) > 1e-3  # the policy moved away from the reference
+    # --export_hf: the DPO policy (LoRA merged) as a Hugging Face directory. Read back, it reproduces the
+    # run's dev DPO loss against the reference log-probs saved in last.pt, and transformers' own model
+    # computes the same logits from it.
+    import transformers
+
+    from objectives.dpo import preference_metrics
+    from training import checkpoint
+
+    exported = GPT2LMHeadModel.from_name_or_path(str(tmp_path / "hf")).eval()
+    reference = checkpoint.load(tmp_path / "run" / "last.pt")["callbacks"][0]["values"]["dev"]
+    policy = all_logprobs(exported, pairs, 4, 50256, torch.device("cpu"), "fp32")
+    assert preference_metrics(policy, reference, pairs.kinds, DPOConfig())["loss"] == pytest.approx(out["loss"],
+                                                                                                   abs=1e-5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([pairs.prompts[0]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, exported(ids), atol=1e-5)
     bad = [dict(r, prompt=r["prompt"] + " ") for r in records]
     with pytest.raises(Exception, match="not the detector's prompt"):
         dpo.encode_paraphrase(tok, bad, "p.jsonl", 512)
@@ -265,7 +283,7 @@ def test_sample_pairs_hold_the_models_own_completions(tmp_path, tokenizer_dir):
     assert all(r["rejected"] != r["chosen"] and r["prompt"].count("\n") == 2 for r in records)
 
 
-def test_bad_flags_and_files_are_refused(tmp_path):
+def test_bad_flags_and_files_are_refused(tmp_path, capsys):
     import dpo
     from common.errors import ConfigError, DataError, UserError
 
@@ -275,6 +293,15 @@ def test_bad_flags_and_files_are_refused(tmp_path):
         dpo.parse_args(["pairs", "--task", "paraphrase", "--kinds", "shuffle", "--out", "x.jsonl"])
     with pytest.raises(ConfigError, match="beta"):
         DPOConfig(beta=0.0).validate()
+    # From the command line: exit status 2, the flag named, before any file is read or model built.
+    from training.cli import entry_point
+
+    train = ["train", "--task", "sonnet", "--pairs", "missing.jsonl", "--dev_pairs", "missing.jsonl"]
+    for flags, name in ((["--beta", "-1"], "--beta"), (["--label_smoothing", "0.5"], "--label_smoothing"),
+                        (["--dpo_loss", "ipo", "--label_smoothing", "0.1"], "--label_smoothing")):
+        with pytest.raises(SystemExit) as exc:
+            entry_point(dpo.main)(train + flags)
+        assert exc.value.code == 2 and name in capsys.readouterr().err
     with pytest.raises(ConfigError, match="label_smoothing"):
         DPOConfig(label_smoothing=0.1, dpo_loss="ipo").validate()
     (tmp_path / "same.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')

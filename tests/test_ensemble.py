@@ -121,7 +121,14 @@ def test_two_classifier_seeds_are_ensembled_end_to_end(tmp_path, tokenizer_dir):
     assert entry["ensemble"]["accuracy"] == pytest.approx((want == torch.tensor(labels)).float().mean().item())
     written = read_predictions(tmp_path / "ens" / "full-model-cfimdb-dev-out.csv", SENTIMENT_HEADER, (0, 1))
     assert [r[1] for r in written] == want.tolist()
-    assert (tmp_path / "ens" / "full-model-cfimdb-test-out.csv").is_file()
+    # The starter's bytes (classifier.py: f"id \t Predicted_Sentiment \n", then f"{p}, {s} \n" per row), one
+    # row for every id of the test data file, in its order.
+    from tasks.data import read_sentiment
+
+    test_ids = [e.id for e in read_sentiment(tmp_path / "cf-test-5.csv", 2, labeled=False)]
+    test_pred = torch.tensor(read_outputs(tmp_path / "ens" / "outputs" / "cfimdb-test.json").probs).argmax(-1)
+    assert (tmp_path / "ens" / "full-model-cfimdb-test-out.csv").read_text() == \
+        "id \t Predicted_Sentiment \n" + "".join(f"{i}, {int(v)} \n" for i, v in zip(test_ids, test_pred))
     assert json.loads((tmp_path / "ens" / "ensemble.json").read_text())["method"] == "mean"
     # Members with other ids (another dev file) are refused.
     c, _ = cfimdb_run(tmp_path, tokenizer_dir, "c", 3, n_dev=6)
@@ -176,3 +183,28 @@ def test_sonnet_runs_save_outputs_and_are_ensembled_by_consensus(tmp_path, token
     (tmp_path / "t" / "outputs" / "sonnet-test.json").unlink()
     with pytest.raises(DataError, match="holds"):  # a run without test outputs
         ensemble.main(["--runs", str(tmp_path / "s"), str(tmp_path / "t"), "--out", str(tmp_path / "e3")])
+
+
+def test_paraphrase_ensemble_writes_the_starters_answer_tokens(tmp_path, capsys):
+    import ensemble
+    from training.cli import entry_point
+
+    ids = ["q1", "q2", "q3"]
+    for name, probs in (("a", [[0.9, 0.1], [0.4, 0.6], [0.3, 0.7]]), ("b", [[0.6, 0.4], [0.8, 0.2], [0.45, 0.55]])):
+        for split, labels in (("dev", [0, 1, 1]), ("test", None)):  # members list the ids in other orders
+            order = ids if name == "a" else ids[::-1]
+            rows = [probs[ids.index(i)] for i in order]
+            write_class_outputs(tmp_path / name, "para", split, f"para-{split}-output.csv", order, rows,
+                                None if labels is None else [labels[ids.index(i)] for i in order])
+    summary = ensemble.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1", "3",
+                             "--out", str(tmp_path / "ens")])
+    # weighted mean P(yes): q1 (0.1 + 3 * 0.4) / 4 = 0.325, q2 (0.6 + 0.6) / 4 = 0.3, q3 (0.7 + 1.65) / 4 = 0.5875
+    want = "id \t Predicted_Is_Paraphrase \nq1, 3919 \nq2, 3919 \nq3, 8505 \n"
+    assert (tmp_path / "ens" / "para-test-output.csv").read_text() == want
+    assert (tmp_path / "ens" / "para-dev-output.csv").read_text() == want
+    assert summary["results"]["para-dev"]["ensemble"]["accuracy"] == pytest.approx(2 / 3)
+    for weights in (["1", "-1"], ["0", "0"], ["1", "inf"]):
+        with pytest.raises(SystemExit) as exc:
+            entry_point(ensemble.main)(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", *weights,
+                                        "--out", str(tmp_path / "e2")])
+        assert exc.value.code == 2 and "--weights" in capsys.readouterr().err
