@@ -10,7 +10,7 @@ scripts in subprocesses, on the CS224N data under data/ and the tiny random-init
               otherwise) against the seed-1 run without SMART
     smart_cost  the time of one training step with and without the SMART terms (in this process)
 
-    python -m bench.objectives                      # all three, ~1 hour on a busy 2-core CPU
+    python -m bench.objectives                      # all four, ~1.5 hours on a busy 2-core CPU
     python -m bench.objectives --only ensemble smart --train_examples 4000 --reuse
 
 Writes bench/results/objectives.json and prints the tables.
@@ -66,18 +66,20 @@ def bench_dpo(work: Path, a) -> dict:
     t_dpo = run(["dpo.py", "train", "--task", "sonnet", "--pairs", str(work / "pairs-train.jsonl"), "--dev_pairs",
                  str(work / "pairs-dev.jsonl"), *common, "--init_weights", str(sft), "--epochs", str(a.dpo_epochs),
                  "--lr", str(a.dpo_lr), "--beta", "0.1", "--batch_size", "8", "--limit", str(a.dpo_limit),
-                 "--run_dir", str(dpo)], work / "dpo.log", work / "dpo.done")
-    (work / "dpo.done").touch()
+                 "--run_dir", str(dpo)], work / "dpo.log", dpo / "last.pt")  # --reuse: a run with an epoch done
     stats = {s: json.loads((work / f"pairs-{s}.jsonl.stats.json").read_text()) for s in ("train", "dev")}
     from common.io import read_jsonl_log
+    from training import checkpoint
 
-    final = [r for r in read_jsonl_log(dpo / "metrics.jsonl") if r["event"] == "final"][-1]["dev"]
+    finished = any(r["event"] == "final" for r in read_jsonl_log(dpo / "metrics.jsonl"))
+    ref = checkpoint.load(dpo / "last.pt")["callbacks"][0]["values"]["dev"]  # (N, 2) reference log-probs
     used = {s: min(a.dpo_limit, stats[s]["pairs"]) for s in stats}
-    return {"pairs": {s: stats[s]["by_kind"] for s in stats}, "pairs_used": used,
-            "seconds": {"sft": t_sft, "dpo": t_dpo},
-            "reference_policy_accuracy": final["reference_policy_accuracy"],
+    epochs = epochs_of(dpo)
+    return {"pairs": {s: stats[s]["by_kind"] for s in stats}, "pairs_used": used, "finished": finished,
+            "seconds": {"sft": t_sft, "dpo": t_dpo, "dpo_epochs": [e["seconds"] for e in epochs]},
+            "reference_policy_accuracy": (ref[:, 0] > ref[:, 1]).float().mean().item(),
             "epochs": [{"epoch": e["epoch"], "train_loss": e["train_loss"],
-                        "train_reward_accuracy": e["train_reward_accuracy"], **e["dev"]} for e in epochs_of(dpo)]}
+                        "train_reward_accuracy": e["train_reward_accuracy"], **e["dev"]} for e in epochs]}
 
 
 def sst_subset(work: Path, n: int) -> Path:
@@ -206,12 +208,14 @@ def print_tables(r: dict) -> None:
     if "dpo" in r:
         kinds = sorted(r["dpo"]["pairs"]["dev"])
         rows = [[e["epoch"], f"{e['train_loss']:.4f}", f"{e['loss']:.4f}", f"{e['reward_accuracy']:.3f}",
-                 *(f"{e.get(f'reward_accuracy_{k}', float('nan')):.3f}" for k in kinds), f"{e['reward_margin']:.3f}"]
-                for e in r["dpo"]["epochs"]]
-        start = ["0 (reference)", "-", "0.6931", "0.000", *("0.000" for _ in kinds), "0.000"]
-        print("\nDPO on sonnet pairs", r["dpo"]["pairs"], "used:", r["dpo"]["pairs_used"])
+                 *(f"{e.get(f'reward_accuracy_{k}', float('nan')):.3f}" for k in kinds), f"{e['reward_margin']:.3f}",
+                 f"{e['policy_accuracy']:.3f}"] for e in r["dpo"]["epochs"]]
+        start = ["0 (reference)", "-", "0.6931", "0.000", *("0.000" for _ in kinds), "0.000",
+                 f"{r['dpo']['reference_policy_accuracy']:.3f}"]
+        done = "" if r["dpo"]["finished"] else f" (interrupted after {len(r['dpo']['epochs'])} epochs)"
+        print(f"\nDPO on sonnet pairs{done}", r["dpo"]["pairs"], "used:", r["dpo"]["pairs_used"])
         print(markdown_table(["epoch", "train loss", "dev loss", "dev reward acc", *(f"dev acc {k}" for k in kinds),
-                              "dev margin"], [start, *rows]))
+                              "dev margin", "dev policy acc"], [start, *rows]))
     if "ensemble" in r:
         e = r["ensemble"]
         rows = [[f"seed {i + 1}", f"{m['accuracy']:.4f}", f"{m['f1']:.4f}"] for i, m in enumerate(e["members"])]

@@ -98,7 +98,9 @@ def test_multitask_script_end_to_end_with_lora_and_exact_resume(tmp_path, tokeni
         return multitask.main(["--model_size", "tiny", "--no_progress", "--tokenizer", str(tokenizer_dir),
                                "--epochs", "2", "--lr", "1e-3", "--peft", "lora", "--lora_r", "2", "--batch_size",
                                "8", "--predictions_dir", str(tmp_path / name / "pred"), "--run_dir",
-                               str(tmp_path / name), *files, *extra])
+                               str(tmp_path / name), *files, *extra,
+                               # the recipe flags of issue 17 on a real script, resumed exactly too
+                               "--optimizer", "radam", "--lr_schedule", "cosine", "--layer_lr_decay", "0.8"])
 
     full = run("a")
     assert set(full) >= {"accuracy", "sst_accuracy", "cfimdb_accuracy", "para_accuracy", "para_f1"}
@@ -110,6 +112,9 @@ def test_multitask_script_end_to_end_with_lora_and_exact_resume(tmp_path, tokeni
     assert (tmp_path / "a" / "outputs" / "cfimdb-dev.json").is_file()
     saved = checkpoint.load(tmp_path / "a" / "best.pt")["model"]
     assert saved["format"] == "lora-adapter" and any("sst_head" in k for k in saved["tensors"])
+    groups = checkpoint.load(tmp_path / "a" / "last.pt")["optimizer"]["param_groups"]
+    assert all(g["decoupled_weight_decay"] for g in groups)  # torch's RAdam built
+    assert sorted({round(g["lr_scale"], 6) for g in groups})[:2] == [0.64, 0.8]  # layers 0, 1 of 2: 0.8^2, 0.8
     assert run("b", "--stop_after_epoch", "1") is None
     assert run("b", "--resume", str(tmp_path / "b")) == full
     for name in ("full-model-sst-dev-out.csv", "para-test-output.csv"):
