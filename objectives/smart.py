@@ -21,7 +21,9 @@ alone (0 at the first step, when the EMA copy equals the model).
 
 The EMA copy (`Smart`, a trainer callback) is made when the fit starts, after LoRA / freezing, and
 only its trainable tensors are saved inside last.pt (the frozen ones equal the model's), so --resume
-continues it exactly.  `smart_loss` and `bregman_loss` are logged to metrics.jsonl.
+continues it exactly.  `smart_loss` and `bregman_loss` are logged to metrics.jsonl.  Under torchrun
+both terms run with DistributedDataParallel (each rank perturbs its own examples; the EMA copy follows
+the synchronised weights); FSDP is refused (`refuse_fsdp`).
 """
 from __future__ import annotations
 
@@ -162,13 +164,11 @@ class Smart(Callback):
 
     # ---- the EMA copy (Callback) ---------------------------------------------------------------
     def on_fit_start(self, trainer) -> None:
-        if self.cfg.bregman_mu <= 0:
-            return
         from training import distributed as dist
 
-        if dist.is_fsdp(trainer.engine):
-            raise ConfigError("bregman_mu", "keeps an EMA copy of the whole model, which FSDP does not shard; "
-                              "train with DistributedDataParallel (drop fsdp) or without the Bregman term")
+        refuse_fsdp(self.cfg, dist.is_fsdp(trainer.engine))
+        if self.cfg.bregman_mu <= 0:
+            return
         self.ema = frozen_copy(trainer.model)
         ema = dict(self.ema.named_parameters())
         self._pairs = [(name, ema[name], p) for name, p in trainer.model.named_parameters() if p.requires_grad]
@@ -191,6 +191,18 @@ class Smart(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self._saved = state.get("ema") if state else None
+
+
+def refuse_fsdp(cfg: SmartConfig, fsdp: bool) -> None:
+    """ConfigError when a SMART term is on under FSDP: the Bregman term's EMA copy is a whole unsharded
+    model, and the ascent's autograd.grad to the embeddings runs FSDP's backward hooks, which reshard
+    the parameters in the middle of the step (DistributedDataParallel runs both terms)."""
+    if fsdp and cfg.smart_lambda > 0:
+        raise ConfigError("smart_lambda", "the adversarial ascent's gradient pass reshards FSDP's parameters "
+                          "mid-step; train with DistributedDataParallel (drop fsdp) or without SMART")
+    if fsdp and cfg.bregman_mu > 0:
+        raise ConfigError("bregman_mu", "keeps an EMA copy of the whole model, which FSDP does not shard; "
+                          "train with DistributedDataParallel (drop fsdp) or without the Bregman term")
 
 
 def smart_objective(cfg: SmartConfig, logits_fn: LogitsFn) -> Optional[Smart]:

@@ -258,9 +258,11 @@ def add_smart_args(parser: argparse.ArgumentParser) -> None:
 
 def smart_config(args: argparse.Namespace):
     """The validated `objectives.smart.SmartConfig` of the SMART flags."""
-    from objectives.smart import SmartConfig
+    from objectives.smart import SmartConfig, refuse_fsdp
 
-    return _fill(SmartConfig, args).validate()
+    cfg = _fill(SmartConfig, args).validate()
+    refuse_fsdp(cfg, getattr(args, "fsdp", False))
+    return cfg
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int = 10, batch_size: int = 8,
