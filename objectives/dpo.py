@@ -17,8 +17,9 @@ logs `reward_accuracy` (share of pairs with r_w > r_l), `reward_margin` (mean r_
 `chosen_reward` and `rejected_reward` to metrics.jsonl.
 
 The reference is the starting checkpoint, frozen.  It only ever enters the loss through its
-log-probabilities of the fixed pairs, so they are computed ONCE, at the start of the fit, by the
-policy before its first step (`ReferenceLogprobs`, a trainer callback; eval mode, no gradient) and
+log-probabilities of the fixed pairs, so they are computed ONCE, when the trainer is made, by the
+policy before its first step and before DDP / FSDP wrap it (`ReferenceLogprobs`, a trainer callback;
+eval mode, no gradient; under torchrun each rank scores a shard of the pairs) and
 saved inside the run's last.pt: `--resume` reads them back instead of recomputing them, no second
 model is held in memory, and no gradient can reach a reference.
 
@@ -207,19 +208,25 @@ def preference_metrics(policy: torch.Tensor, reference: torch.Tensor, kinds: Seq
 
 class ReferenceLogprobs(Callback):
     """The frozen reference's (N, 2) response log-probabilities of every split's pairs, computed once by
-    `compute(model)` at the start of the fit -- the model is then still the starting checkpoint -- and
+    `compute(model)` when the trainer is made -- the model is then still the starting checkpoint -- and
     kept in last.pt (restored by --resume, never recomputed from the trained weights)."""
 
     def __init__(self, compute: Callable[[nn.Module], dict[str, torch.Tensor]]):
         self.compute = compute
         self.values: Optional[dict[str, torch.Tensor]] = None
 
-    def on_fit_start(self, trainer) -> None:
-        if self.values is None:  # a fresh run (a resumed one loaded them)
+    def on_model_ready(self, trainer) -> None:
+        """The starting model, before DDP / FSDP wrap it (FSDP runs no forward before its root's); a run
+        resumed from its last.pt gets the saved values instead (`load_state_dict`)."""
+        if self.values is None and not (trainer.cfg.resume and (trainer.run_dir / "last.pt").is_file()):
             was_training = trainer.model.training
             trainer.model.eval()
             self.values = {k: v.detach().float().cpu() for k, v in self.compute(trainer.model).items()}
             trainer.model.train(was_training)
+
+    def on_fit_start(self, trainer) -> None:
+        if self.values is None:
+            raise RuntimeError("a resumed run's last.pt holds no reference log-probabilities")
 
     def __getitem__(self, split: str) -> torch.Tensor:
         if self.values is None:

@@ -321,3 +321,35 @@ def test_reference_callback_keeps_its_values_through_state_dict():
 
     other.on_fit_start(FakeTrainer())
     assert torch.equal(other["train"], torch.zeros(2, 2))
+    with pytest.raises(RuntimeError, match="no reference"):
+        ReferenceLogprobs(lambda m: {}).on_fit_start(FakeTrainer())
+
+
+def test_dpo_under_two_gloo_ranks_equals_one_process(tmp_path):
+    """DDP and FSDP: 2 ranks x batch 2 == 1 process x batch 4 (11 pairs: the last global batch splits 2 + 1):
+    the same reference log-probs (computed once, sharded over the ranks), weights and dev metrics."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dpo_worker
+
+    common = ["--epochs", "2", "--lr", "1e-2"]
+    single = dpo_worker.run(str(tmp_path / "single"), ["--batch_size", "4", *common])
+    assert single["dev"][-1]["loss"] < math.log(2) - 1e-3  # it learnt something to compare
+    runs = {"ddp": ["--batch_size", "2", *common], "fsdp": ["--batch_size", "2", "--fsdp", *common]}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(dpo_worker.spawn_worker, nprocs=2, args=(2, port, str(tmp_path), runs))
+    for engine in runs:
+        for rank in (0, 1):
+            out = torch.load(tmp_path / f"{engine}-rank{rank}.pt", weights_only=True)
+            torch.testing.assert_close(out["reference"], single["reference"], rtol=1e-5, atol=1e-5)
+            assert [d["loss"] for d in out["dev"]] == pytest.approx([d["loss"] for d in single["dev"]], rel=1e-5)
+            if rank == 0:  # the full state dict is gathered on rank 0 (under FSDP the others get none)
+                for name, value in single["state"].items():
+                    torch.testing.assert_close(out["state"][name], value, rtol=1e-5, atol=1e-5, msg=f"{engine} {name}")
