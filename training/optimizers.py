@@ -11,9 +11,11 @@ Optimisers: `adamw` = ours (optimizer.py, the handout's AdamW, the default); `sg
 momentum; `soap` (Vyas et al., 2024) and `shampoo` (Gupta et al., 2018) = ours (optim/), which
 precondition the 2-D tensors of groups with `precondition` True (no larger than `max_precond_dim`)
 and give every other tensor our AdamW's step; `torch_adamw`, `adam`, `radam`, `nadam`, `adafactor`,
-`adagrad`, `rmsprop` = torch.optim's own (training/torch_optimizers.py).  Schedules map the optimiser
-step to a factor of the peak rate: linear warm-up over `warmup_steps`, then linear decay (`linear`), half-cosine decay to 0 (`cosine`), constant
-(`constant`), or 1/sqrt(step) decay (`inverse_sqrt`, Vaswani et al., 2017).
+`adagrad`, `rmsprop` = torch.optim's own (training/torch_optimizers.py).
+
+Schedules map the optimiser step to a factor of the peak rate: linear warm-up over `warmup_steps`,
+then linear decay (`linear`), half-cosine decay to 0 (`cosine`), constant (`constant`), or
+1/sqrt(step) decay (`inverse_sqrt`, Vaswani et al., 2017).
 """
 from __future__ import annotations
 
