@@ -1,9 +1,8 @@
 """A tiny DPO fit (objectives/dpo.py) through the shared Trainer, used by tests/test_dpo.py both in one
-process and in each rank of a 2-process gloo group (DDP and FSDP)."""
+process and in each rank of a 2-process gloo group (DDP and FSDP; speed_worker.spawn_worker)."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -58,16 +57,3 @@ def run(run_dir: str, argv: list[str]) -> dict:
     state, _ = full_state_dict(model)
     return {"state": {k: v.detach().clone() for k, v in state.items()}, "reference": reference["all"], "dev": dev}
 
-
-def spawn_worker(rank: int, world: int, port: int, out_dir: str, runs: dict[str, list[str]]) -> None:
-    """One rank: every run of `runs` (name -> flags), saved to out_dir/name-rank{rank}.pt."""
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from training.distributed import shutdown
-
-    try:
-        for name, argv in runs.items():
-            torch.save(run(str(Path(out_dir) / name), argv), Path(out_dir) / f"{name}-rank{rank}.pt")
-    finally:
-        shutdown()

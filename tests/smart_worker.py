@@ -1,12 +1,11 @@
 """A tiny classifier trained with SMART's terms through the shared Trainer, used by tests/test_smart.py
-both in one process and in each rank of a 2-process gloo group (DistributedDataParallel)."""
+both in one process and in each rank of a 2-process gloo group (DistributedDataParallel;
+speed_worker.spawn_worker)."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from speed_worker import tiny_data
@@ -50,16 +49,3 @@ def run(run_dir: str, argv: list[str], smart: dict) -> dict:
     return {"state": {k: v.detach().clone() for k, v in state.items()}, "ema": terms.state_dict().get("ema", {}),
             "epochs": epochs}
 
-
-def spawn_worker(rank: int, world: int, port: int, out_dir: str, runs: dict) -> None:
-    """One rank: every run of `runs` (name -> (flags, SmartConfig fields)), saved to out_dir/name-rank{rank}.pt."""
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from training.distributed import shutdown
-
-    try:
-        for name, (argv, smart) in runs.items():
-            torch.save(run(str(Path(out_dir) / name), argv, smart), Path(out_dir) / f"{name}-rank{rank}.pt")
-    finally:
-        shutdown()

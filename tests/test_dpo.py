@@ -328,7 +328,6 @@ def test_reference_callback_keeps_its_values_through_state_dict():
 def test_dpo_under_two_gloo_ranks_equals_one_process(tmp_path):
     """DDP and FSDP: 2 ranks x batch 2 == 1 process x batch 4 (11 pairs: the last global batch splits 2 + 1):
     the same reference log-probs (computed once, sharded over the ranks), weights and dev metrics."""
-    import socket
     import sys
     from pathlib import Path
 
@@ -336,15 +335,14 @@ def test_dpo_under_two_gloo_ranks_equals_one_process(tmp_path):
 
     sys.path.insert(0, str(Path(__file__).parent))
     import dpo_worker
+    import speed_worker
 
     common = ["--epochs", "2", "--lr", "1e-2"]
     single = dpo_worker.run(str(tmp_path / "single"), ["--batch_size", "4", *common])
     assert single["dev"][-1]["loss"] < math.log(2) - 1e-3  # it learnt something to compare
     runs = {"ddp": ["--batch_size", "2", *common], "fsdp": ["--batch_size", "2", "--fsdp", *common]}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(dpo_worker.spawn_worker, nprocs=2, args=(2, port, str(tmp_path), runs))
+    mp.spawn(speed_worker.spawn_worker, nprocs=2,
+             args=(2, speed_worker.free_port(), str(tmp_path), runs, dpo_worker.run))
     for engine in runs:
         for rank in (0, 1):
             out = torch.load(tmp_path / f"{engine}-rank{rank}.pt", weights_only=True)

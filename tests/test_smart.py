@@ -194,7 +194,6 @@ def test_smart_under_two_gloo_ranks(tmp_path, capsys):
     """DistributedDataParallel: 2 ranks x batch 2 with the Bregman term == 1 process x batch 4 (weights and
     EMA copy); the adversarial term runs too, the ranks ending with the same weights.  FSDP is refused,
     naming the flag."""
-    import socket
     import sys
     from pathlib import Path
 
@@ -205,16 +204,15 @@ def test_smart_under_two_gloo_ranks(tmp_path, capsys):
 
     sys.path.insert(0, str(Path(__file__).parent))
     import smart_worker
+    import speed_worker
 
     common = ["--epochs", "1", "--lr", "1e-2"]  # 3 steps: the last global batch of 3 splits 2 + 1
     bregman = {"bregman_mu": 1.0, "bregman_beta": 0.5}
     single = smart_worker.run(str(tmp_path / "single"), ["--batch_size", "4", *common], bregman)
     runs = {"bregman": (["--batch_size", "2", *common], bregman),
             "adversarial": (["--batch_size", "2", *common], {"smart_lambda": 1.0, "smart_eps": 1e-2})}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(smart_worker.spawn_worker, nprocs=2, args=(2, port, str(tmp_path), runs))
+    mp.spawn(speed_worker.spawn_worker, nprocs=2,
+             args=(2, speed_worker.free_port(), str(tmp_path), runs, smart_worker.run))
     out = {(n, r): torch.load(tmp_path / f"{n}-rank{r}.pt", weights_only=True) for n in runs for r in (0, 1)}
     for name in single["state"]:
         torch.testing.assert_close(out["bregman", 0]["state"][name], single["state"][name], rtol=1e-5, atol=1e-5)
