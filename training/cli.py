@@ -164,7 +164,8 @@ def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parameter- and memory-efficient fine-tuning")
     g.add_argument("--peft", choices=choices(PeftMethod), default="none",
                    help="lora: freeze the base model and train peft LoRA adapters (plus the task head, if any); "
-                        "checkpoints then hold only adapters, head and LoRA hyper-parameters")
+                        "reft: freeze it and train LoReFT interventions on hidden states (--reft_*); checkpoints "
+                        "then hold only adapters / interventions, head and hyper-parameters")
     g.add_argument("--lora_r", type=int, default=16, help="LoRA rank r")
     g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha / r")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
@@ -174,6 +175,13 @@ def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge_lora", action="store_true",
                    help="after training, merge the adapters into the weights (W + alpha/r * B A) for prediction "
                         "and generation")
+    g.add_argument("--reft_rank", type=int, default=4, help="ReFT: rank r of the LoReFT subspace")
+    g.add_argument("--reft_layers", type=str, default="all",
+                   help="ReFT: layers whose output is intervened: all, even, odd or indices such as 0,2,5")
+    g.add_argument("--reft_positions", type=str, default="f1+l1",
+                   help="ReFT: tokens intervened in each input: fN (first N real tokens), lN (last N), fN+lM, or "
+                        "all; generation intervenes the prompt's at prefill (all: every token; for LM training "
+                        "prefer fN or all, which select the same tokens in training and generation)")
     g.add_argument("--freeze", choices=choices(FreezeMode), default="none",
                    help="freeze part of the model: embeddings; first-half (embeddings + first half of the layers); "
                         "first-n (embeddings + first --freeze_layers layers); all-but-head (train the task head only)")
