@@ -16,12 +16,14 @@ The implicit rewards are r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)) and r_l 
 logs `reward_accuracy` (share of pairs with r_w > r_l), `reward_margin` (mean r_w - r_l),
 `chosen_reward` and `rejected_reward` to metrics.jsonl.
 
-The reference is the starting checkpoint, frozen.  It only ever enters the loss through its
-log-probabilities of the fixed pairs, so they are computed ONCE, when the trainer is made, by the
-policy before its first step and before DDP / FSDP wrap it (`ReferenceLogprobs`, a trainer callback;
-eval mode, no gradient; under torchrun each rank scores a shard of the pairs) and
-saved inside the run's last.pt: `--resume` reads them back instead of recomputing them, no second
-model is held in memory, and no gradient can reach a reference.
+The reference is the starting checkpoint, frozen: the policy as training starts (with LoRA exactly
+the checkpoint, B = 0; with ReFT its freshly initialised interventions, which are not the identity,
+and with QAT the fake quantization are part of it, so the first loss is log 2).  It only ever enters
+the loss through its log-probabilities of the fixed pairs, so they are computed ONCE, when the
+trainer is made, by the policy before its first step and before DDP / FSDP wrap it
+(`ReferenceLogprobs`, a trainer callback; eval mode, no gradient; under torchrun each rank scores a
+shard of the pairs) and saved inside the run's last.pt: `--resume` reads them back instead of
+recomputing them, no second model is held in memory, and no gradient can reach a reference.
 
 A batch of B pairs is ONE forward pass over 2B rows: the B chosen sequences, then the B rejected ones
 (prompt + response, right-padded; `PairBatch`).
@@ -161,7 +163,8 @@ def response_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     GPT2LMHeadModel).  The output layer runs only at the K positions that predict a response token (the
     prompt's and the padding's logits are never made: for a one-token answer that is 1 of T positions)."""
     targets = batch["targets"]  # (2B, T)
-    hidden = model.gpt.encode(batch["input_ids"], batch["attention_mask"])  # (2B, T, D)
+    # forward(), not encode(): hooks that need the mask (ReFT's positions) see it there
+    hidden = model.gpt(batch["input_ids"], batch["attention_mask"])["last_hidden_state"]  # (2B, T, D)
     keep = targets != IGNORE_INDEX
     logits = model.gpt.hidden_state_to_token(hidden[keep])  # (K, V)
     per_position = sequence_logprob(logits[:, None], targets[keep][:, None])  # (K,): each position its own row

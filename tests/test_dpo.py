@@ -351,3 +351,19 @@ def test_dpo_under_two_gloo_ranks_equals_one_process(tmp_path):
             if rank == 0:  # the full state dict is gathered on rank 0 (under FSDP the others get none)
                 for name, value in single["state"].items():
                     torch.testing.assert_close(out["state"][name], value, rtol=1e-5, atol=1e-5, msg=f"{engine} {name}")
+
+
+def test_dpo_with_reft_interventions(tmp_path, tokenizer_dir):
+    """--peft reft (first / last positions, found from the mask the model's forward sees): the reference is
+    the policy as training starts, fresh interventions included, so the untrained loss is log 2; a trained
+    run keeps only the interventions in its checkpoint."""
+    import dpo
+    from training import checkpoint
+
+    train, dev = sonnet_pair_files(tmp_path, tokenizer_dir)
+    reft = ["--peft", "reft", "--reft_rank", "2", "--reft_positions", "f1+l1"]
+    start = dpo.main(dpo_train_args(tmp_path, tokenizer_dir, train, dev, tmp_path / "a", "--epochs", "0", *reft))
+    assert start["loss"] == pytest.approx(math.log(2)) and start["reward_margin"] == 0
+    trained = dpo.main(dpo_train_args(tmp_path, tokenizer_dir, train, dev, tmp_path / "b", "--epochs", "1", *reft))
+    assert trained["loss"] != pytest.approx(math.log(2))
+    assert checkpoint.load(tmp_path / "b" / "best.pt")["model"]["format"] == "reft-adapter"
