@@ -110,7 +110,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
                    help="adamw: ours (optimizer.py, the default); sgd: torch's SGD with --momentum; soap / shampoo: "
-                        "second-order (optim/, docs/optimizers.md)")
+                        "second-order (optim/, docs/optimizers.md); the rest: torch.optim's own "
+                        "(training/torch_optimizers.py)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--precondition_frequency", type=int, default=10,
                    help="SOAP/Shampoo: optimiser steps between preconditioner updates")
@@ -244,6 +245,31 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The validated GenerationConfig of the decoding flags."""
     cfg = _fill(GenerationConfig, args)
     cfg.validate()
+    return cfg
+
+
+def add_smart_args(parser: argparse.ArgumentParser) -> None:
+    """SMART (objectives/smart.py) for the classification scripts -> `smart_config(args)`."""
+    g = parser.add_argument_group("SMART regularisation (Jiang et al., 2020; objectives/smart.py)")
+    g.add_argument("--smart_lambda", type=float, default=0.0,
+                   help="weight lambda_s of the smoothness-inducing adversarial regulariser: the symmetric KL "
+                        "between the predictions for clean and adversarially perturbed input embeddings (0: off)")
+    g.add_argument("--smart_eps", type=float, default=1e-5, help="infinity-norm radius eps of the perturbation")
+    g.add_argument("--smart_steps", type=int, default=1, help="projected gradient-ascent steps on the perturbation")
+    g.add_argument("--smart_step_size", type=float, default=1e-3, help="ascent step size eta")
+    g.add_argument("--smart_noise", type=float, default=1e-5, help="std sigma of the perturbation's random start")
+    g.add_argument("--bregman_mu", type=float, default=0.0,
+                   help="weight mu of the momentum Bregman proximal point term: the symmetric KL to the "
+                        "predictions of an EMA copy of the model (0: off)")
+    g.add_argument("--bregman_beta", type=float, default=0.99, help="momentum beta of the EMA copy")
+
+
+def smart_config(args: argparse.Namespace):
+    """The validated `objectives.smart.SmartConfig` of the SMART flags."""
+    from objectives.smart import SmartConfig, refuse_fsdp
+
+    cfg = _fill(SmartConfig, args).validate()
+    refuse_fsdp(cfg, getattr(args, "fsdp", False))
     return cfg
 
 
