@@ -43,7 +43,6 @@ from models.gpt2 import GPT2LMHeadModel, GPT2Model
 from models.losses import next_token_loss
 from modules.attention import build_attention_mask
 from modules.attention_patterns import PATTERNS
-from modules.sparse_attention import SparseLayout
 
 CUDA = torch.device("cuda", 0)
 META = torch.device("meta")
@@ -249,19 +248,22 @@ def fresh_lm(seed: int = 0) -> GPT2LMHeadModel:
 def test_generate_on_cuda(fake, decoding, monkeypatch):
     """generate() on a left-padded batch: prefill into the KV cache, then decode steps.  The host
     reads (mask validation, the stop check) answer as on the CPU; with a stop rule the CPU run reads
-    as often as a CUDA run would (STOP_CHECK_EVERY).  Sampling runs without a generator: no CUDA
-    torch.Generator can be made without a GPU."""
+    as often as a CUDA run would (STOP_CHECK_EVERY), and a longer generation may not read more per
+    token.  Sampling runs without a generator: no CUDA torch.Generator can be made without a GPU."""
     monkeypatch.setitem(generation.STOP_CHECK_EVERY, "cpu", generation.STOP_CHECK_EVERY["cuda"])
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     kwargs = dict(max_new_tokens=10, **decoding)
 
-    def on_cpu():
+    def on_cpu(**more):
         ids, mask = generation.left_pad(prompts, pad_id=95)
-        return fresh_lm().generate(ids, mask, **kwargs)
+        return fresh_lm().generate(ids, mask, **{**kwargs, **more})
 
     with _unfaked():
         reads = host_reads(on_cpu)
         expected_shape = on_cpu().shape
+        longer = host_reads(lambda: on_cpu(max_new_tokens=18))
+    # No host read per token: 8 more steps add at most one stop check (a few reads in beam search).
+    assert len(longer) - len(reads) <= (3 if "eos_token_id" in decoding else 0)
     model = placed(fresh_lm, CUDA)
     ids, mask = generation.left_pad(prompts, pad_id=95)
     with Replay(reads) as replay:
@@ -291,12 +293,15 @@ def test_kv_cache_prefill_and_decode_steps_on_cuda(fake):
 
 # ---- adapters and frozen models --------------------------------------------------------------------
 def test_lora_model_on_cuda_and_meta(fake):
-    from training.efficient import apply_lora
+    from training.efficient import apply_lora, load_model_state, model_state
 
     def build():  # peft builds its adapters as modules: for real, then moved (see the module docstring)
         return apply_lora(GPT2LMHeadModel(small_config()).train(), r=4, alpha=8.0, targets="attn")
 
+    with _unfaked():
+        checkpoint = model_state(build())  # an adapter checkpoint as read from disk: CPU tensors
     model = placed(build, CUDA)
+    load_model_state(model, checkpoint)  # what resuming a LoRA run does
     assert {p.device for n, p in model.named_parameters() if "lora_" in n} == {CUDA}
     ids, mask = batch(CUDA)
     assert model(ids, mask).device == CUDA
