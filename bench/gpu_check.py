@@ -173,10 +173,12 @@ def part_generation(plan: Plan, device: torch.device) -> dict:
     }
     notes = []
     _pairs.clear()  # the next parts build their own models
-    if "compile" in inspect.signature(generation.generate).parameters:
-        runs["ours_compiled"] = lambda: ours.generate(ids, mask, compile=True, **sample)
-    else:
+    if "compile" not in inspect.signature(generation.generate).parameters:
         notes.append("this models/generation has no compiled decode step (generate() takes no compile=)")
+    elif not plan.compile:
+        notes.append("dry run: the compiled decode step is not run (inductor takes minutes on a CPU)")
+    else:
+        runs["ours_compiled"] = lambda: ours.generate(ids, mask, compile=True, **sample)
     for run in runs.values():  # warm-up (and compilation)
         out = run()
     times = time_interleaved(runs, device, plan.gen_repeats, warmup=0)
