@@ -12,8 +12,8 @@ others go on, and a part still running at the end of its budget is stopped (SIGA
   train        training step, ours vs transformers, bf16, gpt2 at batch 8 x 1024: tokens/s and MFU
                against the device's peak (bench.speed), eager; then `--compile` (train_compile)
   generation   12 left-padded prompts x 128 new tokens, top-p 0.9 / temperature 1.2: ours
-               (`GPT2LMHeadModel.generate`) vs transformers' `generate`, eager and, where `generate`
-               takes `compile=`, with the compiled decode step
+               (`GPT2LMHeadModel.generate`) vs transformers' `generate`, eager; then, where
+               `generate` takes `compile=`, with the compiled decode step (generation_compile)
   attention    dense vs each sparse pattern at T = 8192 (time and peak memory; bench.attention)
   peft         LoRA r=16 vs full fine-tuning peak memory, gpt2-large at 8 x 128 (bench.peft; the
                report's reference: 3.36 GB vs 12.78 GB)
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import inspect
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -71,10 +71,12 @@ DRY_PLAN = Plan(device="cpu", model="tiny", train_batch=2, train_len=32, train_s
 
 # Seconds each part may take: on an H200-class GPU (estimates: model set-up, warm-up, FlexAttention
 # and torch.compile compilation included; they sum to 485 s, so under the 480 s limit the last part,
-# compilation, is the one skipped if the others ran to their budgets), and in the dry run on a busy
-# 2-core CPU.
-BUDGETS = {"parity": 30, "train": 45, "generation": 50, "attention": 90, "peft": 90, "ddp": 30, "train_compile": 150}
-DRY_BUDGETS = {"parity": 30, "train": 20, "generation": 20, "attention": 25, "peft": 25, "ddp": 40, "train_compile": 5}
+# the compiled training step, is skipped when the others ran to their budgets), and in the dry run on
+# a busy 2-core CPU.
+BUDGETS = {"parity": 30, "train": 45, "generation": 45, "attention": 75, "peft": 80, "ddp": 30,
+           "generation_compile": 60, "train_compile": 120}
+DRY_BUDGETS = {"parity": 30, "train": 20, "generation": 20, "attention": 25, "peft": 25, "ddp": 40,
+               "generation_compile": 5, "train_compile": 5}
 
 
 class PartTimeout(Exception):
@@ -153,7 +155,7 @@ def part_train_compile(plan: Plan, device: torch.device) -> dict:
     return _train(plan, device, compile=True)
 
 
-def part_generation(plan: Plan, device: torch.device) -> dict:
+def _generation(plan: Plan, device: torch.device, compiled: bool) -> dict:
     """Through the public API only (`generate()` / transformers' `generate`), so it runs on any
     version of models/generation."""
     from models import generation
@@ -171,13 +173,7 @@ def part_generation(plan: Plan, device: torch.device) -> dict:
         "ours": lambda: ours.generate(ids, mask, **sample),
         "transformers": lambda: hf.generate(ids, attention_mask=mask, top_k=0, pad_token_id=pad, use_cache=True, **sample),
     }
-    notes = []
-    _pairs.clear()  # the next parts build their own models
-    if "compile" not in inspect.signature(generation.generate).parameters:
-        notes.append("this models/generation has no compiled decode step (generate() takes no compile=)")
-    elif not plan.compile:
-        notes.append("dry run: the compiled decode step is not run (inductor takes minutes on a CPU)")
-    else:
+    if compiled:
         runs["ours_compiled"] = lambda: ours.generate(ids, mask, compile=True, **sample)
     for run in runs.values():  # warm-up (and compilation)
         out = run()
@@ -186,7 +182,24 @@ def part_generation(plan: Plan, device: torch.device) -> dict:
     tps = {k: tokens / median(v) for k, v in times.items()}
     return {"prompts": len(prompts), "new_tokens": plan.gen_new_tokens, "prompt_len_padded": ids.size(1),
             "tokens_per_s": tps, "speedup_vs_transformers": {k: v / tps["transformers"] for k, v in tps.items()},
-            "output_shape": list(out.shape), "notes": notes}
+            "output_shape": list(out.shape), "notes": []}
+
+
+def part_generation(plan: Plan, device: torch.device) -> dict:
+    return _generation(plan, device, compiled=False)
+
+
+def part_generation_compile(plan: Plan, device: torch.device) -> dict:
+    from models import generation
+
+    try:
+        if "compile" not in inspect.signature(generation.generate).parameters:
+            return {"skipped": "this models/generation has no compiled decode step (generate() takes no compile=)"}
+        if not plan.compile:
+            return {"skipped": "dry run: the compiled decode step is not run (inductor takes minutes on a CPU)"}
+        return _generation(plan, device, compiled=True)
+    finally:
+        _pairs.clear()  # the last part that uses the pair
 
 
 def part_attention(plan: Plan, device: torch.device) -> dict:
@@ -225,7 +238,7 @@ def part_peft(plan: Plan, device: torch.device) -> dict:
 
 def part_ddp(plan: Plan, device: torch.device, budget: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "bench.gpu_check", "--ddp_worker", "--device", device.type, "--model", plan.model]
+           "-m", "bench.ddp_step", "--device", device.type, "--model", plan.model]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
     lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
     if res.returncode != 0 or not lines:
@@ -233,43 +246,9 @@ def part_ddp(plan: Plan, device: torch.device, budget: int) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def ddp_worker(device_type: str, model_name: str) -> None:
-    """One DDP training step in a torchrun process (world size 1, so the group is joined here:
-    training.distributed joins only for several ranks)."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from config import GPT2Config
-    from models.gpt2 import GPT2LMHeadModel
-    from models.losses import next_token_loss
-    from optimizer import AdamW
-
-    cuda = device_type == "cuda"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    try:
-        model = GPT2LMHeadModel(GPT2Config.from_name(model_name)).to(device).train()
-        engine = DDP(model, device_ids=[device.index] if cuda else None)
-        opt = AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(0, model.config.vocab_size, (2, 64), device=device)
-        t0 = time.perf_counter()
-        loss = next_token_loss(engine(ids), ids)
-        loss.backward()
-        opt.step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        print("RESULT " + json.dumps({"backend": dist.get_backend(), "world_size": dist.get_world_size(),
-                                      "loss": loss.item(), "step_s": time.perf_counter() - t0,
-                                      "grads_finite": all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())}),
-              flush=True)
-    finally:
-        dist.destroy_process_group()
-
-
 PARTS = {"parity": part_parity, "train": part_train, "generation": part_generation, "attention": part_attention,
-         "peft": part_peft, "ddp": part_ddp, "train_compile": part_train_compile}
+         "peft": part_peft, "ddp": part_ddp, "generation_compile": part_generation_compile,
+         "train_compile": part_train_compile}
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -299,6 +278,7 @@ def run_plan(plan: Plan, device: torch.device, time_limit: float, budgets: dict[
                            "traceback": traceback.format_exc()[-3000:]}
         parts[name]["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"[gpu_check] {name}: {parts[name]['status']} in {parts[name]['seconds']} s", flush=True)
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return parts
@@ -331,7 +311,7 @@ def summary_rows(parts: dict) -> list[list[str]]:
                          f"{t['ours']:,.0f} (MFU {_fmt(m['ours'], '.1%')})",
                          f"transformers {t['transformers']:,.0f} (MFU {_fmt(m['transformers'], '.1%')})",
                          f"ours/HF {p['ratio_ours_vs_transformers']:.2f}"])
-        elif name == "generation":
+        elif name in ("generation", "generation_compile"):
             t, s = p["tokens_per_s"], p["speedup_vs_transformers"]
             ours = ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "transformers")
             rows.append([name, f"top-p tok/s, {p['prompts']} prompts x {p['new_tokens']}", ours,
@@ -362,13 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="results file (default bench/results/gpu_check-<device>.json)")
     p.add_argument("--results_md", default=None,
                    help="markdown file the table is appended to (default bench/RESULTS.md; dry run: bench/results/)")
-    p.add_argument("--ddp_worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="gpt2", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.ddp_worker:
-        ddp_worker(a.device, a.model)
-        return 0
     plan = DRY_PLAN if a.dry_run else GPU_PLAN
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("bench.gpu_check: no CUDA device here; run it on a GPU machine, or --dry_run for the CPU rehearsal",

@@ -36,6 +36,7 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
                                                                      "hybrid/sparse"],
         "peft": lambda p: set(p["peak_gb"]) == {"full", "lora-r16"} and p["reference_gb"]["full"] == 12.78,
         "ddp": lambda p: p["backend"] == "gloo" and p["world_size"] == 1 and p["grads_finite"],
+        "generation_compile": lambda p: "skipped" in p,
         "train_compile": lambda p: "inductor" in p["skipped"],
     }
     for name, ok in checks.items():  # a part is skipped only when the busy machine ran the earlier ones long
@@ -58,7 +59,7 @@ def test_a_failing_part_records_its_error_and_the_rest_go_on(monkeypatch):
 
     monkeypatch.setitem(gpu_check.PARTS, "parity", broken)
     parts = gpu_check.run_plan(gpu_check.DRY_PLAN, torch.device("cpu"), time_limit=100.0,
-                               budgets=gpu_check.DRY_BUDGETS, only=["parity", "train_compile"])
+                               budgets=gpu_check.DRY_BUDGETS, only=["parity", "generation_compile", "train_compile"])
     assert parts["parity"]["status"] == "error" and "illegal memory access" in parts["parity"]["error"]
     assert parts["train_compile"]["status"] == "ok"
     rows = gpu_check.summary_rows(parts)
