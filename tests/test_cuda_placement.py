@@ -291,6 +291,38 @@ def test_kv_cache_prefill_and_decode_steps_on_cuda(fake):
     model.clear_kv_cache()
 
 
+def test_decode_step_runs_without_a_host_sync(fake):
+    """The generation engine's per-step body (`decode_step`: forward, logits processing, choice,
+    stop bookkeeping) on CUDA with NO host-read replay: FakeTensorMode raises on any value read
+    back to the host, so passing proves a step never synchronises."""
+    sampling = pytest.importorskip("models.generation.sampling", reason="this models/generation has no factored, "
+                                   "host-sync-free decode step (it lands with the generation engine package)")
+    from models.generation.processors import LogitsSettings
+
+    model = placed(fresh_lm, CUDA)
+    ids, mask = generation.left_pad([[5, 6, 7, 8, 9], [10, 11, 12]], pad_id=95)
+    ids, mask = ids.to(CUDA), mask.to(CUDA)
+    B, P, n = 2, ids.size(1), 4
+    eos = torch.tensor([7], device=CUDA)
+    settings = LogitsSettings(repetition_penalty=1.2, eos_ids=eos, sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    rules = sampling.StopRules(pad=95, eos_ids=eos)
+    tokens = torch.full((B, P + n), 95, dtype=torch.long, device=CUDA)
+    tokens[:, :P] = ids
+    valid = torch.ones((B, P + n), dtype=torch.bool, device=CUDA)
+    valid[:, :P] = mask.bool()
+    state = sampling.DecodeState(tokens, valid, torch.ones(B, dtype=torch.bool, device=CUDA),
+                                 torch.full((B,), n, dtype=torch.long, device=CUDA),
+                                 torch.zeros(B, dtype=torch.long, device=CUDA), P)
+    decoder = sampling.Decoder(model, P, mask, B, n)
+    try:
+        logits = decoder.prefill(ids, mask)
+        for t in range(n):
+            sampling.decode_step(decoder, state, t, settings, rules, None, logits if t == 0 else None)
+    finally:
+        decoder.close()
+    assert devices([state.tokens, state.unfinished, state.finished_at, state.newlines]) == {CUDA}
+
+
 # ---- adapters and frozen models --------------------------------------------------------------------
 def test_lora_model_on_cuda_and_meta(fake):
     from training.efficient import apply_lora, load_model_state, model_state
