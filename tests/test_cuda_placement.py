@@ -5,8 +5,9 @@ FakeTensorMode (torch._subclasses.fake_tensor) runs the real operators on shapes
 devices, and raises FakeTensorDeviceMismatchError where a CPU tensor meets a CUDA one -- the bug of
 a mask, position ids, a KV cache or a LoRA weight created without `device=`.  No value is ever
 computed, so nothing here reads a tensor back to the host; where the code under test does (mask
-validation in `generate`, `int(counts.max())` in the sparse layout) the host reads of the same call
-on the CPU are recorded and replayed (`host_reads` / `Replay`).
+validation and the stop checks of `generate`) the host reads of the same call on the CPU are
+recorded and replayed (`host_reads` / `Replay`, tests/fake_cuda.py), and the engine's per-step
+function must run with none at all.
 
 What torch 2.13's CPU build allows, and how each limit is handled:
 * Python indexing of a CUDA tensor needs a CUDA device guard, which a CPU build lacks (torch's own
@@ -22,143 +23,27 @@ What torch 2.13's CPU build allows, and how each limit is handled:
   the CPU, then moved onto the fake device, as the scripts do with `model.to(device)`.
 * No CUDA `torch.Generator` can be made, `pin_memory` has no fake kernel, a CUDA autocast is
   disabled without CUDA, the sparse layout's construction is data-dependent (boolean indexing,
-  bincount: shapes depend on values), peft's merge checks values, and neither torch.compile nor the
-  compiled FlexAttention kernel runs under FakeTensorMode; see each test.
+  bincount: shapes depend on values), and peft's merge reads values; see each test.
+* torch.compile does not run on fake CUDA tensors: inductor allocates real ones ("Could not run
+  'aten::empty.memory_format' with arguments from the 'CUDA' backend"), and the compiled
+  FlexAttention kernel fails in lowering ("Torch not compiled with CUDA enabled"), so BlockMasks are
+  built here but FlexAttention, the compiled decode step and `--compile` run in bench.gpu_check only.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from config import GPT2Config
+from fake_cuda import (CPU, CUDA, META, Replay, batch, devices, host_reads, placed, small_config, tensors_of,
+                       unfaked)
+from fake_cuda import fake  # noqa: F401  (the fixture)
 from models import generation
 from models.gpt2 import GPT2LMHeadModel, GPT2Model
 from models.losses import next_token_loss
 from modules.attention import build_attention_mask
 from modules.attention_patterns import PATTERNS
-
-CUDA = torch.device("cuda", 0)
-META = torch.device("meta")
-CPU = torch.device("cpu")
-_SCALAR = torch.ops.aten._local_scalar_dense.default  # every host read (.item(), bool(), int(), tolist())
-
-
-@contextlib.contextmanager
-def cuda_device_guard():
-    """Register the CPU's no-op device guard for CUDA while the block runs (see the module docstring);
-    nothing happens where a CUDA guard exists (a CUDA build)."""
-    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
-    registry = ctypes.addressof(ctypes.c_void_p.in_dll(lib, "_ZN3c104impl26device_guard_impl_registryE"))
-    width = ctypes.sizeof(ctypes.c_void_p)  # std::atomic<const DeviceGuardImplInterface*>, indexed by DeviceType
-    cpu_guard = ctypes.c_void_p.from_address(registry + width * 0)  # DeviceType::CPU
-    cuda_guard = ctypes.c_void_p.from_address(registry + width * 1)  # DeviceType::CUDA
-    added = cuda_guard.value is None
-    if added:
-        cuda_guard.value = cpu_guard.value
-    try:
-        yield
-    finally:
-        if added:
-            cuda_guard.value = None
-
-
-@pytest.fixture()
-def fake():
-    """A FakeTensorMode in which tensors may claim the "cuda" device.  Real (CPU) tensors may enter
-    it: they become fake CPU tensors, so one meeting a CUDA tensor still raises."""
-    with cuda_device_guard(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        yield mode
-
-
-class Replay(TorchDispatchMode):
-    """Answer the host reads of a fake run with the values the same call read on the CPU."""
-
-    def __init__(self, values: list):
-        super().__init__()
-        self.values = list(values)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _SCALAR:
-            if not self.values:
-                raise AssertionError("the fake-device run reads more values back to the host than the CPU run")
-            return self.values.pop(0)
-        return func(*args, **(kwargs or {}))
-
-
-class _Record(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.values = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is _SCALAR:
-            self.values.append(out)
-        return out
-
-
-def host_reads(fn) -> list:
-    """Run `fn()` for real and return the values it read back to the host, in order."""
-    rec = _Record()
-    with rec:
-        fn()
-    return rec.values
-
-
-def small_config(**overrides) -> GPT2Config:
-    base = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                pad_token_id=95, eos_token_id=95)
-    return GPT2Config(**{**base, **overrides})
-
-
-def batch(device, padding: str = "right"):
-    """(input_ids, attention_mask) (2, 8): row 1 holds 5 real tokens, padded on `padding`'s side."""
-    ids = torch.randint(0, 95, (2, 8), device=device)
-    mask = torch.ones(2, 8, dtype=torch.long, device=device)
-    if padding == "right":
-        mask[1, 5:] = 0
-    else:
-        mask[1, :3] = 0
-    return ids, mask
-
-
-def tensors_of(obj) -> list[torch.Tensor]:
-    if torch.is_tensor(obj):
-        return [obj]
-    if dataclasses.is_dataclass(obj):
-        return [getattr(obj, f.name) for f in dataclasses.fields(obj) if torch.is_tensor(getattr(obj, f.name))]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in tensors_of(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in tensors_of(v)]
-    return []
-
-
-def devices(obj) -> set[torch.device]:
-    return {t.device for t in tensors_of(obj)}
-
-
-def placed(build, device: torch.device):
-    """`build()` for real on the CPU, then moved onto the fake `device` (see the module docstring)."""
-    with _unfaked():
-        module = build()
-    return module.to(device)
-
-
-@contextlib.contextmanager
-def _unfaked():
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    with _disable_current_modes():
-        yield
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -201,14 +86,14 @@ def test_every_pattern_mask_on_cuda(fake, global_tokens):
 def cpu_layout_on(key_mask_cpu, monkeypatch):
     """The sparse layout is data-dependent (boolean indexing, bincount, int(counts.max()): its shapes
     depend on the mask's values), so FakeTensorMode cannot build it: build it for real from the
-    known CPU mask and move it to `device`, as a stand-in for `build_sparse_layout`."""
+    known CPU mask and move it to the device asked for, as a stand-in for `build_sparse_layout`."""
     import modules.attention as attention
     from modules.sparse_attention import build_sparse_layout
 
     positions_of = attention.positions_from_mask
 
     def on_device(pattern, window, cache_start, T, key_valid, positions, dev, global_tokens=0, block_size=None):
-        with _unfaked():
+        with unfaked():
             valid = None if key_valid is None else key_mask_cpu[:, :cache_start + T].bool()
             layout = build_sparse_layout(pattern, window, cache_start, T, valid,
                                          None if positions is None else positions_of(valid), CPU,
@@ -219,11 +104,10 @@ def cpu_layout_on(key_mask_cpu, monkeypatch):
     monkeypatch.setattr(attention, "build_sparse_layout", on_device)
 
 
-
 @pytest.mark.parametrize("pattern", ["logsparse", "local", "hybrid"])
 def test_sparse_execution_path_forward_on_cuda_backward_on_meta(fake, pattern, monkeypatch):
     cfg = small_config(attention=pattern, attention_window=3, attention_global_tokens=1, attention_backend="sparse")
-    with _unfaked():
+    with unfaked():
         _, mask_cpu = batch(CPU)  # the mask batch() makes on every device
     cpu_layout_on(mask_cpu, monkeypatch)
     model = placed(lambda: GPT2Model(cfg).train(), CUDA)
@@ -258,7 +142,7 @@ def test_generate_on_cuda(fake, decoding, monkeypatch):
         ids, mask = generation.left_pad(prompts, pad_id=95)
         return fresh_lm().generate(ids, mask, **{**kwargs, **more})
 
-    with _unfaked():
+    with unfaked():
         reads = host_reads(on_cpu)
         expected_shape = on_cpu().shape
         longer = host_reads(lambda: on_cpu(max_new_tokens=18))
@@ -330,7 +214,7 @@ def test_lora_model_on_cuda_and_meta(fake):
     def build():  # peft builds its adapters as modules: for real, then moved (see the module docstring)
         return apply_lora(GPT2LMHeadModel(small_config()).train(), r=4, alpha=8.0, targets="attn")
 
-    with _unfaked():
+    with unfaked():
         checkpoint = model_state(build())  # an adapter checkpoint as read from disk: CPU tensors
     model = placed(build, CUDA)
     load_model_state(model, checkpoint)  # what resuming a LoRA run does
@@ -445,7 +329,7 @@ def test_training_step_bf16_autocast(fake):
 
     step(CUDA, "bf16", backward=False)
     step(META, "fp32", backward=True)
-    with _unfaked():
+    with unfaked():
         value, logs = step(CPU, "bf16", backward=True)
         assert logs["logits"].dtype == torch.bfloat16 and torch.isfinite(value)
 
