@@ -103,7 +103,8 @@ def run_one(args: argparse.Namespace) -> dict:
             "peak_memory_kind": report["peak_memory_kind"]}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> Path | None:
+    """Returns the JSON file written (None for a --child run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default="gpt2-large", help="preset shape (random weights)")
@@ -178,7 +179,9 @@ def main(argv=None) -> None:
     payload = {"device": device, "model": args.model, "precision": args.precision, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
                "lora_targets": args.lora_targets, "results": results}
-    print("wrote", write_results(f"peft-{args.device}-{args.model}", payload))
+    path = write_results(f"peft-{args.device}-{args.model}", payload)
+    print("wrote", path)
+    return path
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ bench/results/speed-<device>-<precision>.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,8 @@ from training.build import autocast
 from training.speed import enable_tf32, flops_per_token, matmul_params, peak_flops
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> Path:
+    """Returns the JSON file written."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
@@ -106,6 +108,7 @@ def main(argv=None) -> None:
                           "threads": torch.get_num_threads(), "peak_flops": peak, "steps": steps,
                           "results": results})
     print(f"\nwrote {path}")
+    return path
 
 
 if __name__ == "__main__":
