@@ -250,8 +250,6 @@ def test_bad_arguments(full_vocab):
         ours.generate(ids, torch.tensor([[1, 1, 0]]), max_new_tokens=4)
     with pytest.raises(ValueError, match="positions"):
         ours.generate(ids, max_new_tokens=1000)
-    with pytest.raises(ValueError, match="beam sampling"):
-        ours.generate(ids, num_beams=2, do_sample=True, max_new_tokens=4)
     with pytest.raises(ValueError, match="top_p"):
         ours.generate(ids, do_sample=True, top_p=0.0, max_new_tokens=4)
     assert ours.generate(ids, max_new_tokens=0).tolist() == ids.tolist()

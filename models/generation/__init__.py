@@ -1,33 +1,27 @@
-"""Text generation for GPT2LMHeadModel: one `generate()` for greedy, sampling and beam search.
+"""Text generation for GPT2LMHeadModel: one `generate()` for greedy, sampling, beam search, beam
+sampling and speculative decoding, token-identical to transformers' `generate` on the same weights.
 
 Decoding follows Holtzman et al. (2020) for nucleus (top-p) sampling, Fan et al. (2018) for
 top-k, Keskar et al. (2019) for the repetition penalty and Paulus et al. (2018) for n-gram
-blocking; beam search is the one transformers implements (Wu et al., 2016 length penalty), and
-every choice below is made so that the tokens are identical to `transformers`' `generate` on
-the same weights (tests/test_generation.py proves it).
+blocking; beam search and beam sampling are the ones transformers implements (Wu et al., 2016
+length penalty); speculative decoding is Leviathan et al. (2023), "Fast Inference from
+Transformers via Speculative Decoding" (Chen et al., 2023 in parallel).
 
-How it runs
-* Prefill once with the whole (left-padded) prompt into the preallocated KV cache of
-  `modules/attention.py`, then feed one token per step.  Only the last position goes through the
-  output layer.  Positions come from the mask (`cumsum(mask) - 1`), so a left-padded prompt is
-  encoded exactly as it would be alone.  Without padding no mask is built at all (SDPA runs
-  `is_causal` for the prefill and maskless for each step).
-* Logits are processed in transformers' order: repetition penalty, no-repeat-n-gram,
-  min-new-tokens EOS suppression, then (sampling only) temperature -> top-k -> top-p.  top-p always
-  keeps at least one token.  `do_sample=False` or `temperature=0` is greedy (argmax).  Sampling
-  draws `torch.multinomial(probs, 1, generator=generator)`.
-* Rows stop independently: on an EOS token, or (`stop_newlines`) once their continuation holds
-  that many "\\n" characters.  A finished row is filled with `pad_token_id`.
-* Host synchronisation: none per token unless a stop rule (EOS or `stop_newlines`) is active.
-  With one, "are all rows finished?" is read every `STOP_CHECK_EVERY[device]` steps (every step
-  on the CPU, where reading a tensor costs nothing; every 8 steps on CUDA).  Steps run past the
-  point where every row finished only append padding, and the output is cropped to the step at
-  which the last row finished, so the result does not depend on how often we look.
-* Beam search (`num_beams > 1`) is a sibling loop with transformers' semantics: 2 * num_beams
-  (more with several EOS ids) candidates per step, finished hypotheses scored
-  `sum_logprobs / new_len ** length_penalty`, `early_stopping` True / False / "never", and the KV
-  cache reordered with `reorder_kv_cache` after every step.  It returns the best hypothesis per
-  prompt, padded with `pad_token_id`.  Beam sampling is not implemented.
+The package
+* `processors.py`: logits processors in transformers' order, and the exact fast nucleus filter
+  (candidate set + full-sort fallback, identical kept set);
+* `decoder.py`: the model side of a generation (KV cache, masks and positions of every step
+  built once, fused q/k/v, sliced output layer, the static compiled step for `compile=True`);
+* `sampling.py`: greedy and sampling (`decode_step`: a step without host synchronisation);
+* `beam.py`: beam search and beam sampling;
+* `speculative.py`: speculative decoding with an assistant (draft) model.
+
+Conventions: prompts are LEFT-padded (`left_pad`); positions come from the mask (`cumsum - 1`),
+so a padded prompt is encoded exactly as alone.  Rows stop independently on an EOS token or
+(`stop_newlines`) once their continuation holds that many "\\n"; finished rows are filled with
+`pad_token_id`.  Host synchronisation: none per token unless a stop rule is active; then "all
+rows finished?" is read every `STOP_CHECK_EVERY[device]` steps and the output is cropped to the
+step at which the last row finished.
 """
 from __future__ import annotations
 
@@ -37,10 +31,14 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-NEG_INF = float("-inf")
+from models.generation.beam import beam_search
+from models.generation.processors import (LogitsSettings, apply_repetition_penalty, ban_repeated_ngrams,  # noqa: F401
+                                          process_logits, top_k_filter, top_p_filter, top_p_filter_full)
+from models.generation.sampling import StopRules, decode
+from models.generation.speculative import speculative_decode
+
 # How often (in decode steps) the loop reads "all rows finished?" back to the host.
 STOP_CHECK_EVERY = {"cpu": 1, "cuda": 8}
-_BEAM_DEAD = -1.0e9  # transformers' score for beams that may not be chosen
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -67,87 +65,6 @@ def newline_counts(tokenizer) -> torch.Tensor:
     return torch.tensor([t.count("\n") for t in texts], dtype=torch.long)
 
 
-# ---- logits processors (transformers' order and semantics) ---------------------------------------
-def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, valid: Optional[torch.Tensor],
-                             penalty: float) -> torch.Tensor:
-    """CTRL's penalty: scores of tokens present in `history` (B, L) are divided by `penalty`
-    when positive and multiplied when negative.  Positions where `valid` is False (padding)
-    do not count."""
-    V = scores.size(-1)
-    ids = history.clamp(max=V)
-    if valid is not None:
-        ids = ids.masked_fill(~valid, V)  # padding goes to a spare column that is dropped below
-    padded = F.pad(scores, (0, 1))  # (B, V + 1)
-    picked = padded.gather(1, ids)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return padded.scatter(1, ids, picked)[:, :V]
-
-
-def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, valid: Optional[torch.Tensor],
-                        n: int) -> torch.Tensor:
-    """Forbid every token that would complete an n-gram already present in `history` (B, L).
-    N-grams that touch padding (`valid` False) are ignored."""
-    B, L = history.shape
-    if L < n:
-        return scores
-    V = scores.size(-1)
-    windows = history.unfold(1, n, 1)  # (B, L - n + 1, n)
-    suffix = history[:, L - n + 1:]  # (B, n - 1): the n-gram the next token would complete
-    matches = (windows[..., :-1] == suffix[:, None, :]).all(-1)  # (B, L - n + 1)
-    if valid is not None:
-        matches &= valid.unfold(1, n, 1).all(-1) & valid[:, L - n + 1:].all(-1, keepdim=True)
-    banned = torch.zeros((B, V + 1), dtype=torch.bool, device=scores.device)
-    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=V), V), True)
-    return scores.masked_fill(banned[:, :V], NEG_INF)
-
-
-def top_k_filter(scores: torch.Tensor, k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Keep the k highest scores per row (ties with the k-th kept too); the rest become -inf."""
-    k = min(max(k, min_tokens_to_keep), scores.size(-1))
-    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-    return scores.masked_fill(scores < kth, NEG_INF)
-
-
-def top_p_filter(scores: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most probable tokens whose probability reaches p
-    (at least `min_tokens_to_keep`); the rest become -inf."""
-    ascending, order = torch.sort(scores, dim=-1)
-    cum = ascending.softmax(dim=-1).cumsum(dim=-1)  # mass of this token and every less probable one
-    drop = cum <= (1.0 - p)
-    drop[..., -min_tokens_to_keep:] = False
-    return scores.masked_fill(drop.scatter(-1, order, drop), NEG_INF)
-
-
-def _process(scores: torch.Tensor, history: torch.Tensor, valid: Optional[torch.Tensor], step: int, *,
-             repetition_penalty: float, no_repeat_ngram_size: int, min_new_tokens: int,
-             eos_ids: Optional[torch.Tensor], sample: bool, temperature: float, top_k: Optional[int],
-             top_p: Optional[float]) -> torch.Tensor:
-    """All logits processing for one step, in transformers' order."""
-    if repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(scores, history, valid, repetition_penalty)
-    if no_repeat_ngram_size > 0:
-        scores = ban_repeated_ngrams(scores, history, valid, no_repeat_ngram_size)
-    if step < min_new_tokens and eos_ids is not None:
-        scores = scores.index_fill(-1, eos_ids, NEG_INF)
-    if sample:
-        if temperature != 1.0:
-            scores = scores / temperature
-        if top_k:
-            scores = top_k_filter(scores, top_k)
-        if top_p is not None and top_p < 1.0:
-            scores = top_p_filter(scores, top_p)
-    return scores
-
-
-# ---- the engine ------------------------------------------------------------------------------------
-def _next_logits(model, tokens: torch.Tensor, mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
-                 cache_start: int) -> torch.Tensor:
-    """Run `tokens` (B, T) through the cached model; float32 logits of the last position (B, V)."""
-    gpt = model.gpt
-    h = gpt.encode(tokens, mask, positions, cache_start)[:, -1]  # (B, D): only the last goes through the head
-    return gpt.hidden_state_to_token(h).float()
-
-
 def _as_id_tensor(ids: Union[None, int, Sequence[int], torch.Tensor], device) -> Optional[torch.Tensor]:
     if ids is None:
         return None
@@ -155,6 +72,7 @@ def _as_id_tensor(ids: Union[None, int, Sequence[int], torch.Tensor], device) ->
     return t if t.numel() else None
 
 
+# ---- the entry point ---------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
              max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool = False,
@@ -164,14 +82,22 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
              generator: Optional[torch.Generator] = None,
              stop_newlines: Union[None, int, torch.Tensor] = None,
-             newline_counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+             newline_counts: Optional[torch.Tensor] = None,
+             compile: bool = False, assistant_model=None, num_assistant_tokens: int = 4,
+             stats: Optional[dict] = None) -> torch.Tensor:
     """Continue LEFT-padded prompts `input_ids` (B, T_in); returns (B, T_in + n_new) token ids.
 
     Arguments mean what they mean in transformers' `generate`.  `eos_token_id=None` means no EOS
-    stop; `pad_token_id=None` means `model.config.pad_token_id`.  `stop_newlines` (int or (B,))
-    ends a row once its continuation holds that many "\\n" (needs `newline_counts`, made by
-    `models.generation.newline_counts(tokenizer)`).  The model runs in eval mode (dropout off) and
-    is put back in its previous mode afterwards.
+    stop; `pad_token_id=None` means `model.config.pad_token_id`.  `num_beams > 1` with
+    `do_sample=True` is beam sampling.  `stop_newlines` (int or (B,)) ends a row once its
+    continuation holds that many "\\n" (needs `newline_counts`, made by
+    `models.generation.newline_counts(tokenizer)`).  `compile=True` runs the decode steps through
+    one `torch.compile`d static step (compiled once per shape; worth it for long generations or
+    on a GPU).  `assistant_model` (a GPT2LMHeadModel with the same vocabulary) turns on
+    speculative decoding: it proposes `num_assistant_tokens` tokens, the model verifies them in
+    one forward.  `stats`, a dict, receives counts of the run (steps, and for speculative
+    decoding draft/accepted tokens and the acceptance rate).  The models run in eval mode
+    (dropout off) and are put back in their previous modes afterwards.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -198,16 +124,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     sample = do_sample and temperature > 0
-    if num_beams > 1 and sample:
-        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not implemented; "
-                         "use do_sample=False for beam search")
     if not sample and (top_k or (top_p is not None and top_p < 1.0) or temperature not in (0.0, 1.0)):
         warnings.warn("temperature/top_k/top_p only apply when sampling (do_sample=True, temperature > 0); "
                       "decoding greedily", stacklevel=2)
+    if compile and any(p != "dense" for p in model.gpt.layer_patterns) and config.attention_backend == "flex":
+        raise ValueError("compile=True needs fixed-shape masks; the FlexAttention backend builds a BlockMask per "
+                         "step: set attention_backend to 'sdpa' or 'auto' for compiled decoding")
+    if assistant_model is not None:
+        _check_assistant(model, assistant_model, num_beams, num_assistant_tokens, repetition_penalty,
+                         no_repeat_ngram_size, compile)
 
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     eos_ids = _as_id_tensor(eos_token_id, device)
-
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
@@ -217,7 +145,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()) or bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("attention_mask must be LEFT-padded (zeros, then ones, with a real last token); "
                          "build batches with models.generation.left_pad")
-    padded = bool((attention_mask == 0).any())
+    mask = attention_mask if bool((attention_mask == 0).any()) else None  # None: no padding, no mask
 
     stop = None
     if stop_newlines is not None:
@@ -230,194 +158,53 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if newline_counts.numel() > V:
             raise ValueError(f"newline_counts has {newline_counts.numel()} entries but the model has {V} tokens")
         newline_counts = F.pad(newline_counts.to(device=device, dtype=torch.long), (0, V - newline_counts.numel()))
-
-    if max_new_tokens == 0:
-        return input_ids.clone()
-    check_every = STOP_CHECK_EVERY.get(device.type, 8)
-    was_training = model.training
-    model.eval()
-    try:
-        common = dict(model=model, input_ids=input_ids, mask=attention_mask, padded=padded,
-                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                      repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                      eos_ids=eos_ids, pad=pad, stop=stop, nl_counts=newline_counts, check_every=check_every)
-        if num_beams > 1:
-            return _beam_search(num_beams=num_beams, length_penalty=length_penalty,
-                                early_stopping=early_stopping, **common)
-        return _decode(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                       generator=generator, **common)
-    finally:
-        model.clear_kv_cache()
-        model.train(was_training)
-
-
-def _prefill(model, input_ids, mask, padded, batch_size, max_len):
-    """Fill the KV cache with the prompts; returns (last-position logits (B, V), full mask
-    (B, max_len) or None, next position of each row (B, 1) or None)."""
-    B, P = input_ids.shape
-    device_type = input_ids.device.type
-    # Under autocast keys and values come out in the autocast dtype: store them that way.
-    cache_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    model.setup_kv_cache(batch_size, max_len, dtype=cache_dtype)
-    if not padded:
-        return _next_logits(model, input_ids, None, None, 0), None, None
-    full_mask = torch.ones((B, max_len), dtype=torch.long, device=input_ids.device)
-    full_mask[:, :P] = mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens numbered from 0
-    logits = _next_logits(model, input_ids, mask, positions, 0)
-    return logits, full_mask, positions[:, -1:] + 1
-
-
-def _decode(*, model, input_ids, mask, padded, max_new_tokens, min_new_tokens, repetition_penalty,
-            no_repeat_ngram_size, eos_ids, pad, stop, nl_counts, check_every, sample, temperature,
-            top_k, top_p, generator):
-    """Greedy and sampling: one token per row per step."""
-    B, P = input_ids.shape
-    device = input_ids.device
-    max_len = P + max_new_tokens
     if generator is not None and sample and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the model runs on {device}; "
                          f"create it with torch.Generator(device={device.type!r})")
-    tokens = torch.full((B, max_len), pad, dtype=torch.long, device=device)
-    tokens[:, :P] = input_ids
-    valid = mask.bool() if padded else None
-    history_valid = None
-    if valid is not None and (repetition_penalty != 1.0 or no_repeat_ngram_size > 0):
-        history_valid = torch.ones((B, max_len), dtype=torch.bool, device=device)
-        history_valid[:, :P] = valid
-    stopping = eos_ids is not None or stop is not None
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    finished_at = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-    newlines = torch.zeros(B, dtype=torch.long, device=device)
 
-    logits, full_mask, next_pos = _prefill(model, input_ids, mask, padded, B, max_len)
-    steps = 0
-    for t in range(max_new_tokens):
-        cur = P + t  # slot of the token chosen this step
-        if t > 0:
-            feed = tokens[:, cur - 1: cur]
-            logits = _next_logits(model, feed, None if full_mask is None else full_mask[:, :cur],
-                                  None if next_pos is None else next_pos + (t - 1), cur - 1)
-        scores = _process(logits, tokens[:, :cur], None if history_valid is None else history_valid[:, :cur], t,
-                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                          min_new_tokens=min_new_tokens, eos_ids=eos_ids, sample=sample,
-                          temperature=temperature, top_k=top_k, top_p=top_p)
-        if sample:
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            nxt = scores.argmax(-1)
-        steps = t + 1
-        if not stopping:
-            tokens[:, cur] = nxt
-            continue
-        nxt = torch.where(unfinished, nxt, pad)
-        tokens[:, cur] = nxt
-        done = torch.zeros_like(unfinished)
-        if eos_ids is not None:
-            done |= torch.isin(nxt, eos_ids)
-        if stop is not None:
-            newlines += nl_counts[nxt]
-            done |= newlines >= stop
-        finished_at = torch.where(unfinished & done, t, finished_at)
-        unfinished &= ~done
-        if (t + 1) % check_every == 0 and not bool(unfinished.any()):
-            break
-    if stopping and not bool(unfinished.any()):
-        steps = int(finished_at.max()) + 1  # the last row finished here; later steps hold only padding
-    return tokens[:, :P + steps]
-
-
-def _beam_search(*, model, input_ids, mask, padded, max_new_tokens, min_new_tokens, repetition_penalty,
-                 no_repeat_ngram_size, eos_ids, pad, stop, nl_counts, check_every, num_beams,
-                 length_penalty, early_stopping):
-    """Beam search with transformers' semantics (see the module docstring); best beam per prompt."""
-    B, P = input_ids.shape
-    k = num_beams
-    device = input_ids.device
-    max_len = P + max_new_tokens
+    if max_new_tokens == 0:
+        return input_ids.clone()
     n_eos = 0 if eos_ids is None else eos_ids.numel()
-    n_cand = max(2, 1 + n_eos) * k  # candidates kept per step, enough that k can stay unfinished
-    is_top_k = torch.arange(n_cand, device=device) < k  # only the first k candidates may finish
+    settings = LogitsSettings(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                              min_new_tokens=min_new_tokens, eos_ids=eos_ids, sample=sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, min_tokens_to_keep=max(2, n_eos + 1) if num_beams > 1 else 1)
+    rules = StopRules(pad=pad, eos_ids=eos_ids, stop=stop, nl_counts=newline_counts)
+    check_every = STOP_CHECK_EVERY.get(device.type, 8)
+    models = [model] + ([assistant_model] if assistant_model is not None else [])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        if assistant_model is not None:
+            out, run = speculative_decode(model, assistant_model, input_ids, mask, max_new_tokens, settings, rules,
+                                          generator, num_assistant_tokens)
+        elif num_beams > 1:
+            out = beam_search(model, input_ids, mask, max_new_tokens, num_beams=num_beams,
+                              length_penalty=length_penalty, early_stopping=early_stopping, settings=settings,
+                              rules=rules, generator=generator, check_every=check_every, compile=compile)
+            run = {}
+        else:
+            out = decode(model, input_ids, mask, max_new_tokens, settings, rules, generator, check_every,
+                         compile=compile)
+            run = {}
+    finally:
+        for m, training in zip(models, modes):
+            m.train(training)
+    if stats is not None:
+        stats.update(new_tokens=out.size(1) - P, **run)
+    return out
 
-    logits, full_mask, next_pos = _prefill(model, input_ids, mask, padded, B, max_len)
-    expand = torch.arange(B, device=device).repeat_interleave(k)  # row b -> its k beams
-    model.reorder_kv_cache(expand)
-    logits = logits.index_select(0, expand)  # (B*k, V)
-    if full_mask is not None:
-        full_mask, next_pos = full_mask.index_select(0, expand), next_pos.index_select(0, expand)
-    valid = None
-    if full_mask is not None and (repetition_penalty != 1.0 or no_repeat_ngram_size > 0):
-        valid = full_mask.bool()
-    V = logits.size(-1)
 
-    seqs = torch.full((B, k, max_len), pad, dtype=torch.long, device=device)
-    seqs[:, :, :P] = input_ids[:, None, :]
-    run_scores = torch.zeros((B, k), dtype=torch.float32, device=device)
-    run_scores[:, 1:] = _BEAM_DEAD  # start from one beam so the k beams do not pick the same tokens
-    run_newlines = torch.zeros((B, k), dtype=torch.long, device=device)
-    fin_seqs = seqs.clone()
-    fin_scores = torch.full((B, k), _BEAM_DEAD, dtype=torch.float32, device=device)
-    fin_done = torch.zeros((B, k), dtype=torch.bool, device=device)
-    fin_len = torch.zeros((B, k), dtype=torch.long, device=device)  # new tokens of each finished hypothesis
-    improvable = torch.ones((B, 1), dtype=torch.bool, device=device)
-    batch_offset = torch.arange(B, device=device)[:, None] * k
-
-    for t in range(max_new_tokens):
-        cur = P + t
-        if t > 0:
-            feed = seqs[:, :, cur - 1].reshape(B * k, 1)
-            logits = _next_logits(model, feed, None if full_mask is None else full_mask[:, :cur],
-                                  None if next_pos is None else next_pos + (t - 1), cur - 1)
-        logp = F.log_softmax(logits, dim=-1)
-        logp = _process(logp, seqs.view(B * k, max_len)[:, :cur], None if valid is None else valid[:, :cur], t,
-                        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                        min_new_tokens=min_new_tokens, eos_ids=eos_ids, sample=False, temperature=1.0,
-                        top_k=None, top_p=None)
-        total = (logp.view(B, k, V) + run_scores[:, :, None]).view(B, k * V)
-        cand_scores, flat_idx = torch.topk(total, n_cand)  # (B, n_cand)
-        src, tok = flat_idx // V, flat_idx % V
-        cand_seqs = torch.take_along_dim(seqs, src[:, :, None], dim=1)  # (B, n_cand, max_len)
-        cand_seqs[:, :, cur] = tok
-        hits = torch.full_like(tok, t + 1 >= max_new_tokens, dtype=torch.bool)
-        if eos_ids is not None:
-            hits |= torch.isin(tok, eos_ids)
-        cand_newlines = run_newlines.gather(1, src)
-        if stop is not None:
-            cand_newlines = cand_newlines + nl_counts[tok]
-            hits |= cand_newlines >= stop[:, None]
-
-        # The k best candidates that did not finish carry on.
-        alive_scores = cand_scores + hits.to(torch.float32) * _BEAM_DEAD
-        keep = torch.topk(alive_scores, k)[1]  # (B, k)
-        seqs = torch.take_along_dim(cand_seqs, keep[:, :, None], dim=1)
-        run_scores = alive_scores.gather(1, keep)
-        run_newlines = cand_newlines.gather(1, keep)
-        beam_src = src.gather(1, keep)
-
-        # Finished candidates among the top k join the finished pool if they beat its worst.
-        scored = cand_scores / ((t + 1) ** length_penalty)
-        pool_full = fin_done.all(-1, keepdim=True) & (early_stopping is True)
-        scored += pool_full.to(torch.float32) * _BEAM_DEAD
-        scored += (~improvable).to(torch.float32) * _BEAM_DEAD
-        just_finished = hits & is_top_k[None, :]
-        scored += (~just_finished) * _BEAM_DEAD
-        pool = torch.topk(torch.cat((fin_scores, scored), 1), k)[1]
-        fin_seqs = torch.take_along_dim(torch.cat((fin_seqs, cand_seqs), 1), pool[:, :, None], dim=1)
-        fin_scores = torch.cat((fin_scores, scored), 1).gather(1, pool)
-        fin_done = torch.cat((fin_done, just_finished), 1).gather(1, pool)
-        fin_len = torch.cat((fin_len, torch.full_like(tok, t + 1)), 1).gather(1, pool)
-
-        model.reorder_kv_cache((beam_src + batch_offset).view(-1))
-
-        # Can a running beam still beat the worst finished one?  (transformers' heuristic)
-        best_len = max_new_tokens if (early_stopping == "never" and length_penalty > 0.0) else t + 1
-        best_running = run_scores[:, :1] / (best_len ** length_penalty)
-        worst_finished = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], _BEAM_DEAD)
-        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
-        if (t + 1) % check_every == 0 or t + 1 == max_new_tokens:
-            go_on = bool(improvable.any()) and not (early_stopping is True and bool(fin_done.all())) \
-                and not bool(hits.all())
-            if not go_on:
-                break
-    best = fin_seqs[:, 0]  # (B, max_len), padded with `pad` past each hypothesis
-    return best[:, :P + int(fin_len[:, 0].max())]
+def _check_assistant(model, assistant, num_beams, k, repetition_penalty, no_repeat_ngram_size, compile) -> None:
+    if assistant.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"assistant_model has {assistant.config.vocab_size} tokens, the model "
+                         f"{model.config.vocab_size}: speculative decoding needs the same vocabulary")
+    if num_beams > 1:
+        raise ValueError("assistant_model (speculative decoding) works with num_beams=1 only")
+    if k < 1:
+        raise ValueError(f"num_assistant_tokens must be >= 1, got {k}")
+    if repetition_penalty != 1.0 or no_repeat_ngram_size > 0:
+        raise ValueError("assistant_model (speculative decoding) does not support repetition_penalty or "
+                         "no_repeat_ngram_size; leave them at 1.0 / 0")
+    if compile:
+        raise ValueError("compile=True is not available with assistant_model (its verify step changes shape)")

@@ -1,0 +1,151 @@
+"""The model side of one generation: KV cache, per-step masks and positions, fused q/k/v, the
+output layer, and the static compiled decode step (gpt-fast's recipe, Chen et al. 2023 blog
+"Accelerating Generative AI with PyTorch II: GPT, Fast").
+
+`Decoder.prefill` runs the (left-padded) prompts once; `Decoder.step(tokens, t)` feeds the token
+chosen at new-token index t - 1 (slot P + t - 1) and returns the logits of the next one.  What a
+step needs is built once, in `__init__`:
+
+* the attention mask of every step: one `build_attention_mask` call for all decode queries at
+  once, (B|1, 1, n_steps, S); step t reads row t - 1 (a view in eager mode).  Without padding
+  and with dense attention no mask exists at all (SDPA over the filled slots).  Layers on the
+  block-sparse FlexAttention path (`attention_backend="flex"`) get their BlockMask per step;
+* the position of every step (B|1, n_steps): `cumsum(mask) - 1` of the next slot;
+* the KV cache of `batch_size` rows and S = P + max_new_tokens - 1 slots (the last new token is
+  never fed back), and the fused q/k/v projections (`GPT2PreTrainedModel.fuse_qkv`; skipped for
+  LoRA-wrapped layers).
+
+Only the last position goes through the output layer.  On a CPU it is applied in slices of
+`HEAD_CHUNK` vocabulary rows: the same products (bit for bit: every output element is the same
+dot product), about 1.4x faster than one (12 x 768) @ (768 x 50,257) matmul, which the BLAS
+runs far below its speed on the smaller slices.
+
+`compile=True`: the step has fixed shapes (the cache is addressed by a slot tensor and read
+whole under the step's mask), so `torch.compile` (mode "reduce-overhead" on CUDA: CUDA graphs)
+builds it once and every step replays it.  Nothing in a step reads a tensor back to the host.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from modules.attention import build_attention_mask
+from modules.attention_patterns import use_flex
+
+HEAD_CHUNK = {"cpu": 1024}  # vocabulary rows per matmul of the output layer; devices not listed: one matmul
+
+
+def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
+    """The tied output layer on hidden states (N, D) -> float32 logits (N, V), bit for bit
+    `gpt.hidden_state_to_token(h).float()`."""
+    weight = gpt.word_embedding.weight  # (V, D)
+    chunk = HEAD_CHUNK.get(h.device.type)
+    eager_fp32 = h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+    if chunk is None or weight.size(0) <= chunk or h.dim() != 2 or not eager_fp32 or torch.compiler.is_compiling():
+        return gpt.hidden_state_to_token(h).float()
+    out = h.new_empty((h.size(0), weight.size(0)))
+    for w, o in zip(weight.split(chunk), out.split(chunk, dim=1)):
+        torch.mm(h, w.t(), out=o)
+    return out
+
+
+def _static_step(gpt, tokens, t_index, slot, positions, tables):
+    """One decode step with fixed shapes: tokens (R, 1) at cache slot `slot` (1,), masks and
+    positions picked from the tables by `t_index` (1,); -> logits (R, V).  Compiled once."""
+    pos = positions.index_select(1, t_index)  # (R|1, 1)
+    masks = {p: (table.index_select(2, t_index), False) for p, table in tables.items()}  # (R|1, 1, 1, S)
+    h = gpt.encode_with_masks(tokens, pos, masks, cache_start=slot)
+    return gpt.hidden_state_to_token(h[:, -1]).float()
+
+
+_compiled_step = None
+
+
+def compiled_step():
+    global _compiled_step
+    if _compiled_step is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _compiled_step = torch.compile(_static_step, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_step
+
+
+class Decoder:
+    """Prefill and decode steps of one generate() call over `batch_size` cache rows.
+
+    `mask` is the (B, P) left-padded attention mask, or None when no row is padded; with
+    `batch_size` = B * k (beam search) the prefill fills the first B rows and `expand` copies
+    them to the k beams."""
+
+    def __init__(self, model, prompt_len: int, mask: Optional[torch.Tensor], batch_size: int,
+                 max_new_tokens: int, compile: bool = False):
+        self.model, self.gpt = model, model.gpt
+        self.P, self.n_steps = prompt_len, max(max_new_tokens - 1, 0)
+        self.slots = prompt_len + self.n_steps
+        self.compile = compile
+        device = self.gpt.word_embedding.weight.device
+        self.device = device
+        cfg = model.config
+        # Under autocast keys and values come out in the autocast dtype: store them that way.
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        model.setup_kv_cache(batch_size, self.slots, dtype=dtype, static=compile)
+        model.fuse_qkv()
+        self.padded = mask is not None
+        key_valid = None
+        if mask is not None:
+            key_valid = torch.ones((mask.size(0), self.slots), dtype=torch.long, device=device)
+            key_valid[:, :prompt_len] = mask
+            first = mask.sum(-1, keepdim=True)  # (B, 1): position of the first new token
+        else:
+            first = torch.full((1, 1), prompt_len, dtype=torch.long, device=device)
+        self.positions = first + torch.arange(self.n_steps, device=device)  # (B|1, n_steps)
+        self.flex = {p for p in set(self.gpt.layer_patterns)
+                     if p != "dense" and use_flex(cfg.attention_backend, device, dropout_active=False, cached=True)}
+        self.key_valid = key_valid
+        self.tables = {}  # pattern -> (B|1, 1, n_steps, S) bool
+        for p in set(self.gpt.layer_patterns) - self.flex:
+            if p == "dense" and key_valid is None and not compile:
+                continue  # no mask: SDPA attends over the filled slots
+            if self.n_steps:
+                self.tables[p] = build_attention_mask(key_valid, self.n_steps, prompt_len, device, pattern=p,
+                                                      window=cfg.attention_window)[0]
+
+    def prefill(self, input_ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Prompts (B, P) into cache rows 0..B-1; logits of the first new token (B, V).  `mask` is
+        the one given to __init__ (None without padding)."""
+        positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        h = self.gpt.encode(input_ids, mask, positions, cache_start=0)
+        return lm_logits(self.gpt, h[:, -1])
+
+    def expand(self, index: torch.Tensor) -> None:
+        """Row i of the cache, masks and positions becomes row index[i] (beam search: B -> B * k)."""
+        self.model.reorder_kv_cache(index, self.P)
+        if self.positions.size(0) > 1:
+            self.positions = self.positions.index_select(0, index)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, index)
+        self.tables = {p: t.index_select(0, index) if t.size(0) > 1 else t for p, t in self.tables.items()}
+
+    def reorder(self, index: torch.Tensor, t: int) -> None:
+        """Beam search after choosing new-token t: cache row i <- row index[i] over the filled slots."""
+        self.model.reorder_kv_cache(index, min(self.P + t, self.slots))
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """tokens (R, 1), the new token t - 1 of each row, at slot P + t - 1 -> logits (R, V)."""
+        slot = self.P + t - 1
+        if self.compile:
+            t_index = torch.full((1,), t - 1, dtype=torch.long, device=self.device)
+            logits = compiled_step()(self.gpt, tokens, t_index, t_index + self.P, self.positions, self.tables)
+            return logits.clone() if self.device.type == "cuda" else logits
+        masks = {p: (table[:, :, t - 1:t, :slot + 1], False) for p, table in self.tables.items()}
+        for p in self.flex:
+            valid = None if self.key_valid is None else self.key_valid[:, :slot + 1]
+            masks[p] = build_attention_mask(valid, 1, slot, self.device, pattern=p,
+                                            window=self.model.config.attention_window, block_sparse=True)
+        masks.setdefault("dense", (None, False))
+        h = self.gpt.encode_with_masks(tokens, self.positions[:, t - 1:t], masks, cache_start=slot)  # (R, 1, D)
+        return lm_logits(self.gpt, h[:, -1])
+
+    def close(self) -> None:
+        self.model.clear_kv_cache()
+        self.model.unfuse_qkv()

@@ -1,0 +1,172 @@
+"""Logits processors in transformers' order and semantics, and an exact fast nucleus filter.
+
+Repetition penalty (Keskar et al., 2019, CTRL), no-repeat-n-gram blocking (Paulus et al., 2018),
+min-new-tokens EOS suppression, then for sampling temperature -> top-k (Fan et al., 2018) ->
+top-p (Holtzman et al., 2020).  Every function gives bit for bit what the matching transformers
+LogitsProcessor gives (tests/test_generation.py).
+
+Exact fast nucleus (`top_p_filter`).  The full algorithm (`top_p_filter_full`, transformers'
+TopPLogitsWarper) sorts the whole vocabulary (12 x 50,257 logits: about a third of a decode step
+on a CPU).  The nucleus of a trained model holds a few hundred tokens, so we look only at the
+`NUCLEUS_CANDIDATES` largest logits (`torch.topk`) and compute in float64 the mass c_i of each
+candidate and every less probable token, which is what the full algorithm compares with 1 - p
+(it drops a token when its float32 cumulative mass `cum_i <= 1 - p`).  A row takes the full
+sort instead when
+* its candidates do not reach the boundary (candidate mass below p: a flat distribution), or
+* a candidate's c_i lies within `NUCLEUS_RTOL * c_i` of 1 - p, where the float32 arithmetic of
+  the full algorithm could decide either way (bound derived at NUCLEUS_RTOL), or
+* the boundary falls inside a group of tied logits (then the full sort's order of the ties
+  decides which of them it keeps; we let it decide).
+Every other row keeps exactly the tokens the full algorithm keeps, so the filtered scores, and
+with a seeded generator the drawn token, are identical.  Ties inside the kept set or inside the
+dropped set do not matter (all kept / all dropped); `min_tokens_to_keep` keeps the top ones as
+transformers does, and a tie across that boundary also takes the full sort.  The fallback reads
+a flag back to the host, free on a CPU; on other devices (where the sort is cheap and a host
+read is not) `top_p_filter` runs the full algorithm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+NUCLEUS_CANDIDATES = 1024
+# Devices on which top_p_filter uses the candidate set (a host read per call decides the fallback).
+NUCLEUS_FAST_DEVICES = ("cpu",)
+
+
+def nucleus_rtol(vocab_size: int) -> float:
+    """Bound on |cum_i - c_i| / c_i for the full algorithm's float32 cumulative mass `cum_i`.
+
+    Its float32 softmax sums V exponentials; a vectorised sum with at least 8 independent
+    accumulators adds at most V/8 + 8 terms in sequence, each rounding by <= 2^-24 (Higham,
+    "Accuracy and Stability of Numerical Algorithms", eq. 4.4); the exponentials (<= 1 ulp, plus
+    the rounding of x - max, <= 64 ulp for logit gaps below 64), the division and the final
+    rounding of the double-accumulated cumsum add a few ulp more.  We allow 128 ulp for those."""
+    return (vocab_size / 8 + 8 + 128) * 2.0 ** -24
+
+
+# ---- processors ---------------------------------------------------------------------------------------
+def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, valid: Optional[torch.Tensor],
+                             penalty: float) -> torch.Tensor:
+    """CTRL's penalty: scores of tokens present in `history` (B, L) are divided by `penalty`
+    when positive and multiplied when negative.  Positions where `valid` is False (padding)
+    do not count."""
+    V = scores.size(-1)
+    ids = history.clamp(max=V)
+    if valid is not None:
+        ids = ids.masked_fill(~valid, V)  # padding goes to a spare column that is dropped below
+    padded = F.pad(scores, (0, 1))  # (B, V + 1)
+    picked = padded.gather(1, ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return padded.scatter(1, ids, picked)[:, :V]
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, valid: Optional[torch.Tensor],
+                        n: int) -> torch.Tensor:
+    """Forbid every token that would complete an n-gram already present in `history` (B, L).
+    N-grams that touch padding (`valid` False) are ignored."""
+    B, L = history.shape
+    if L < n:
+        return scores
+    V = scores.size(-1)
+    windows = history.unfold(1, n, 1)  # (B, L - n + 1, n)
+    suffix = history[:, L - n + 1:]  # (B, n - 1): the n-gram the next token would complete
+    matches = (windows[..., :-1] == suffix[:, None, :]).all(-1)  # (B, L - n + 1)
+    if valid is not None:
+        matches &= valid.unfold(1, n, 1).all(-1) & valid[:, L - n + 1:].all(-1, keepdim=True)
+    banned = torch.zeros((B, V + 1), dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=V), V), True)
+    return scores.masked_fill(banned[:, :V], NEG_INF)
+
+
+def top_k_filter(scores: torch.Tensor, k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Keep the k highest scores per row (ties with the k-th kept too); the rest become -inf."""
+    k = min(max(k, min_tokens_to_keep), scores.size(-1))
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def top_p_filter_full(scores: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """The full nucleus algorithm (transformers' TopPLogitsWarper): keep the smallest set of most
+    probable tokens whose probability reaches p (at least `min_tokens_to_keep`); the rest -inf."""
+    ascending, order = torch.sort(scores, dim=-1)
+    cum = ascending.softmax(dim=-1).cumsum(dim=-1)  # mass of this token and every less probable one
+    drop = cum <= (1.0 - p)
+    drop[..., -min_tokens_to_keep:] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), NEG_INF)
+
+
+def top_p_filter(scores: torch.Tensor, p: float, min_tokens_to_keep: int = 1,
+                 candidates: int = NUCLEUS_CANDIDATES) -> torch.Tensor:
+    """Exactly `top_p_filter_full`, computed on the `candidates` largest scores of each row when
+    that decides the row (see the module docstring); (..., V) -> (..., V)."""
+    V = scores.size(-1)
+    K = min(V, max(candidates, min_tokens_to_keep + 1))
+    if K >= V or scores.device.type not in NUCLEUS_FAST_DEVICES:
+        return top_p_filter_full(scores, p, min_tokens_to_keep)
+    flat = scores.reshape(-1, V)  # (N, V)
+    cand, index = torch.topk(flat, K, dim=-1)  # (N, K), descending
+    top = cand[:, :1].double()
+    total = (flat.double() - top).exp().sum(-1, keepdim=True)  # (N, 1): float64 softmax denominator
+    e = (cand.double() - top).exp()  # (N, K)
+    mass = 1.0 - (e.cumsum(-1) - e) / total  # c_i: candidate i and everything less probable
+    threshold = torch.tensor(1.0 - p, dtype=scores.dtype).item()  # what `cum <= 1 - p` compares with
+    rank = torch.arange(K, device=scores.device)
+    kept = torch.clamp((mass > threshold).sum(-1), min=min_tokens_to_keep)  # (N,): a prefix of the candidates
+    uncertain = ((mass - threshold).abs() <= nucleus_rtol(V) * mass) & (rank >= min_tokens_to_keep)
+    last_kept = cand.gather(1, (kept - 1)[:, None]).squeeze(1)
+    first_dropped = cand.gather(1, kept.clamp(max=K - 1)[:, None]).squeeze(1)
+    fallback = uncertain.any(-1) | (kept >= K) | (last_kept == first_dropped)
+    drop = torch.ones_like(flat, dtype=torch.bool).scatter_(1, index, rank >= kept[:, None])
+    out = flat.masked_fill(drop, NEG_INF)
+    if bool(fallback.any()):  # host read: only on NUCLEUS_FAST_DEVICES
+        rows = fallback.nonzero().squeeze(1)
+        out[rows] = top_p_filter_full(flat[rows], p, min_tokens_to_keep)
+    return out.view(scores.shape)
+
+
+# ---- one step's processing ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LogitsSettings:
+    """Every logits-processing choice of one generate() call."""
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    eos_ids: Optional[torch.Tensor] = None  # (n_eos,)
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_tokens_to_keep: int = 1  # transformers keeps n_eos + 1 (at least 2) for beam sampling
+
+    @property
+    def uses_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+
+def process_logits(scores: torch.Tensor, history: torch.Tensor, valid: Optional[torch.Tensor], step: int,
+                   s: LogitsSettings) -> torch.Tensor:
+    """All logits processing for the token of new-token index `step`, in transformers' order.
+    scores (B, V), history (B, L) tokens so far, valid (B, L) False on padding (or None)."""
+    if s.repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, history, valid, s.repetition_penalty)
+    if s.no_repeat_ngram_size > 0:
+        scores = ban_repeated_ngrams(scores, history, valid, s.no_repeat_ngram_size)
+    if step < s.min_new_tokens and s.eos_ids is not None:
+        scores = scores.index_fill(-1, s.eos_ids, NEG_INF)
+    return warp(scores, s) if s.sample else scores
+
+
+def warp(scores: torch.Tensor, s: LogitsSettings) -> torch.Tensor:
+    """The sampling warpers: temperature -> top-k -> top-p (transformers' order)."""
+    if s.temperature != 1.0:
+        scores = scores / s.temperature
+    if s.top_k:
+        scores = top_k_filter(scores, s.top_k, s.min_tokens_to_keep)
+    if s.top_p is not None and s.top_p < 1.0:
+        scores = top_p_filter(scores, s.top_p, s.min_tokens_to_keep)
+    return scores
