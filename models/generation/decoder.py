@@ -38,11 +38,13 @@ HEAD_CHUNK = {"cpu": 1024}  # vocabulary rows per matmul of the output layer; de
 
 def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
     """The tied output layer on hidden states (N, D) -> float32 logits (N, V), bit for bit
-    `gpt.hidden_state_to_token(h).float()`."""
+    `gpt.hidden_state_to_token(h).float()`.  Sliced only for inference in fp32 (no grad, no
+    autocast, not inside torch.compile, which picks its own kernels)."""
     weight = gpt.word_embedding.weight  # (V, D)
     chunk = HEAD_CHUNK.get(h.device.type)
-    eager_fp32 = h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
-    if chunk is None or weight.size(0) <= chunk or h.dim() != 2 or not eager_fp32 or torch.compiler.is_compiling():
+    plain = (h.dtype == weight.dtype == torch.float32 and h.dim() == 2 and not torch.is_grad_enabled()
+             and not torch.is_autocast_enabled(h.device.type) and not torch.compiler.is_compiling())
+    if chunk is None or weight.size(0) <= chunk or not plain:
         return gpt.hidden_state_to_token(h).float()
     out = h.new_empty((h.size(0), weight.size(0)))
     for w, o in zip(weight.split(chunk), out.split(chunk, dim=1)):

@@ -109,24 +109,33 @@ def top_p_filter(scores: torch.Tensor, p: float, min_tokens_to_keep: int = 1,
     if K >= V or scores.device.type not in NUCLEUS_FAST_DEVICES:
         return top_p_filter_full(scores, p, min_tokens_to_keep)
     flat = scores.reshape(-1, V)  # (N, V)
+    out, fallback = nucleus_on_candidates(flat, p, min_tokens_to_keep, K)
+    if bool(fallback.any()):  # host read: only on NUCLEUS_FAST_DEVICES
+        rows = fallback.nonzero().squeeze(1)
+        out[rows] = top_p_filter_full(flat[rows], p, min_tokens_to_keep)
+    return out.view(scores.shape)
+
+
+def nucleus_on_candidates(flat: torch.Tensor, p: float, min_tokens_to_keep: int,
+                          K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate-set nucleus of rows (N, V): (filtered scores (N, V), fallback (N,) bool).
+    Rows flagged `fallback` are not decided by their K largest scores (their output row is
+    meaningless); every other row equals `top_p_filter_full`'s."""
+    V = flat.size(-1)
     cand, index = torch.topk(flat, K, dim=-1)  # (N, K), descending
     top = cand[:, :1].double()
     total = (flat.double() - top).exp().sum(-1, keepdim=True)  # (N, 1): float64 softmax denominator
     e = (cand.double() - top).exp()  # (N, K)
     mass = 1.0 - (e.cumsum(-1) - e) / total  # c_i: candidate i and everything less probable
-    threshold = torch.tensor(1.0 - p, dtype=scores.dtype).item()  # what `cum <= 1 - p` compares with
-    rank = torch.arange(K, device=scores.device)
+    threshold = torch.tensor(1.0 - p, dtype=flat.dtype).item()  # what `cum <= 1 - p` compares with
+    rank = torch.arange(K, device=flat.device)
     kept = torch.clamp((mass > threshold).sum(-1), min=min_tokens_to_keep)  # (N,): a prefix of the candidates
     uncertain = ((mass - threshold).abs() <= nucleus_rtol(V) * mass) & (rank >= min_tokens_to_keep)
     last_kept = cand.gather(1, (kept - 1)[:, None]).squeeze(1)
     first_dropped = cand.gather(1, kept.clamp(max=K - 1)[:, None]).squeeze(1)
     fallback = uncertain.any(-1) | (kept >= K) | (last_kept == first_dropped)
     drop = torch.ones_like(flat, dtype=torch.bool).scatter_(1, index, rank >= kept[:, None])
-    out = flat.masked_fill(drop, NEG_INF)
-    if bool(fallback.any()):  # host read: only on NUCLEUS_FAST_DEVICES
-        rows = fallback.nonzero().squeeze(1)
-        out[rows] = top_p_filter_full(flat[rows], p, min_tokens_to_keep)
-    return out.view(scores.shape)
+    return flat.masked_fill(drop, NEG_INF), fallback
 
 
 # ---- one step's processing ----------------------------------------------------------------------------
