@@ -95,7 +95,7 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
     n_out = torch.zeros(B, dtype=torch.long, device=device)  # committed new tokens
     newlines = torch.zeros(B, dtype=torch.long, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    n_iter = drafted = accepted = 0
+    n_iter = drafted = accepted = compactions = 0
 
     for m in (model, draft):
         m.setup_kv_cache(B, slots)
@@ -116,6 +116,7 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
         while bool(unfinished.any()):
             if s + k + 1 > slots:
                 s = _compact((model, draft), key_valid, slot_tokens, s)
+                compactions += 1
             n_iter += 1
             kv = key_valid if holes else None
             # Draft: k proposals; the first forward re-feeds slot s - 1 (see the module docstring).
@@ -182,7 +183,7 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
             accepted += int((n_acc * unfinished).sum())
             # Cache bookkeeping: slots s..s+k hold [last, d_1..d_k]; valid up to the accepted prefix.
             slot_tokens[:, s:s + k + 1] = fed
-            key_valid[:, s:s + k + 1] = (steps[None, :] <= n_acc[:, None]).to(key_valid.dtype)
+            key_valid[:, s:s + k + 1] = ((steps[None, :] <= n_acc[:, None]) & unfinished[:, None]).to(key_valid.dtype)
             n_out += length
             pos += n_acc + 1
             last = committed.gather(1, n_acc[:, None]).squeeze(1)
@@ -197,5 +198,5 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
     width = int(n_out.max())
     new = out[:, :width].masked_fill(torch.arange(width, device=device)[None, :] >= n_out[:, None], rules.pad)
     stats = {"target_forwards": n_iter + 1, "draft_tokens": drafted, "accepted_tokens": accepted,
-             "acceptance_rate": accepted / drafted if drafted else float("nan")}
+             "acceptance_rate": accepted / drafted if drafted else float("nan"), "compactions": compactions}
     return torch.cat((input_ids, new), 1), stats
