@@ -39,13 +39,15 @@ HEAD_CHUNK = {"cpu": 1024}  # vocabulary rows per matmul of the output layer; de
 def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
     """The tied output layer on hidden states (N, D) -> float32 logits (N, V), bit for bit
     `gpt.hidden_state_to_token(h).float()`.  Sliced only for inference in fp32 (no grad, no
-    autocast, not inside torch.compile, which picks its own kernels)."""
+    autocast); inside torch.compile the slices are concatenated (no `out=`)."""
     weight = gpt.word_embedding.weight  # (V, D)
     chunk = HEAD_CHUNK.get(h.device.type)
     plain = (h.dtype == weight.dtype == torch.float32 and h.dim() == 2 and not torch.is_grad_enabled()
-             and not torch.is_autocast_enabled(h.device.type) and not torch.compiler.is_compiling())
+             and not torch.is_autocast_enabled(h.device.type))
     if chunk is None or weight.size(0) <= chunk or not plain:
         return gpt.hidden_state_to_token(h).float()
+    if torch.compiler.is_compiling():
+        return torch.cat([torch.mm(h, w.t()) for w in weight.split(chunk)], dim=1)
     out = h.new_empty((h.size(0), weight.size(0)))
     for w, o in zip(weight.split(chunk), out.split(chunk, dim=1)):
         torch.mm(h, w.t(), out=o)
@@ -58,7 +60,7 @@ def _static_step(gpt, tokens, t_index, slot, positions, tables):
     pos = positions.index_select(1, t_index)  # (R|1, 1)
     masks = {p: (table.index_select(2, t_index), False) for p, table in tables.items()}  # (R|1, 1, 1, S)
     h = gpt.encode_with_masks(tokens, pos, masks, cache_start=slot)
-    return gpt.hidden_state_to_token(h[:, -1]).float()
+    return lm_logits(gpt, h[:, -1])
 
 
 _compiled_step = None

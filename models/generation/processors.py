@@ -12,7 +12,8 @@ on a CPU).  The nucleus of a trained model holds a few hundred tokens, so we loo
 candidate and every less probable token, which is what the full algorithm compares with 1 - p
 (it drops a token when its float32 cumulative mass `cum_i <= 1 - p`).  A row takes the full
 sort instead when
-* its candidates do not reach the boundary (candidate mass below p: a flat distribution), or
+* its candidates do not reach the boundary (candidate mass below p: a flat distribution; when
+  even K times the top probability is below p for every row, `torch.topk` is skipped), or
 * a candidate's c_i lies within `NUCLEUS_RTOL * c_i` of 1 - p, where the float32 arithmetic of
   the full algorithm could decide either way (bound derived at NUCLEUS_RTOL), or
 * the boundary falls inside a group of tied logits (then the full sort's order of the ties
@@ -109,22 +110,27 @@ def top_p_filter(scores: torch.Tensor, p: float, min_tokens_to_keep: int = 1,
     if K >= V or scores.device.type not in NUCLEUS_FAST_DEVICES:
         return top_p_filter_full(scores, p, min_tokens_to_keep)
     flat = scores.reshape(-1, V)  # (N, V)
-    out, fallback = nucleus_on_candidates(flat, p, min_tokens_to_keep, K)
+    total = (flat.double() - flat.max(-1, keepdim=True).values.double()).exp().sum(-1, keepdim=True)  # (N, 1)
+    if bool((K / total < p).all()):  # K tokens of at most the top probability 1/total cannot hold p: flat rows
+        return top_p_filter_full(scores, p, min_tokens_to_keep)
+    out, fallback = nucleus_on_candidates(flat, p, min_tokens_to_keep, K, total)
     if bool(fallback.any()):  # host read: only on NUCLEUS_FAST_DEVICES
         rows = fallback.nonzero().squeeze(1)
         out[rows] = top_p_filter_full(flat[rows], p, min_tokens_to_keep)
     return out.view(scores.shape)
 
 
-def nucleus_on_candidates(flat: torch.Tensor, p: float, min_tokens_to_keep: int,
-                          K: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus_on_candidates(flat: torch.Tensor, p: float, min_tokens_to_keep: int, K: int,
+                          total: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate-set nucleus of rows (N, V): (filtered scores (N, V), fallback (N,) bool).
     Rows flagged `fallback` are not decided by their K largest scores (their output row is
-    meaningless); every other row equals `top_p_filter_full`'s."""
+    meaningless); every other row equals `top_p_filter_full`'s.  `total` (N, 1): the float64
+    softmax denominator sum(exp(x - max)), computed here when not given."""
     V = flat.size(-1)
     cand, index = torch.topk(flat, K, dim=-1)  # (N, K), descending
     top = cand[:, :1].double()
-    total = (flat.double() - top).exp().sum(-1, keepdim=True)  # (N, 1): float64 softmax denominator
+    if total is None:
+        total = (flat.double() - top).exp().sum(-1, keepdim=True)  # (N, 1): float64 softmax denominator
     e = (cand.double() - top).exp()  # (N, K)
     mass = 1.0 - (e.cumsum(-1) - e) / total  # c_i: candidate i and everything less probable
     threshold = torch.tensor(1.0 - p, dtype=flat.dtype).item()  # what `cum <= 1 - p` compares with
