@@ -4,8 +4,8 @@ the starter's loop, over decoding strategy x batch x length x next-token distrib
 Models: a `gpt2`-shaped model with random weights, the very same weights in transformers
 (`bench.model.build_pair`).  "random": as initialised (near-uniform next-token distributions, a
 top-p 0.9 nucleus of ~38,000 tokens).  "peaked": the final LayerNorm's gain multiplied by
-`--peak` (8), which scales every logit by 8: distributions like a trained model's (the nucleus
-size is measured and printed).  Prompts: the 12 dev sonnet prompts (`--prompts`, synthetic
+`--peak` (7), which scales every logit by 7: distributions like a trained model's (a top-p 0.9
+nucleus of median ~240 tokens, 1 to ~900, on the sonnet prompts; measured and printed).  Prompts: the 12 dev sonnet prompts (`--prompts`, synthetic
 36-token prompts if missing), left-padded; batch 1 is the first one.  EOS is off, so every
 engine generates exactly the requested tokens.
 
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default="eager,compiled,transformers,starter,speculative",
                    help="subset of eager, compiled, transformers, starter, speculative")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median)")
-    p.add_argument("--peak", type=float, default=8.0, help="logit scale of the peaked model")
+    p.add_argument("--peak", type=float, default=7.0, help="logit scale of the peaked model")
     p.add_argument("--draft_layers", type=int, default=1, help="layers of the speculative draft")
     p.add_argument("--late_scale", type=float, default=0.05, help="residual scale of the target's later layers")
     p.add_argument("--assistant_tokens", type=int, default=4, help="draft tokens per speculative step")
@@ -134,9 +134,10 @@ def starter_loop(model, prompt: torch.Tensor, n: int, sample: bool, generator) -
 
 
 def nucleus_sizes(model, ids, mask) -> tuple[float, int, int]:
-    """Median, min, max top-p nucleus size over the prompt positions and 32 greedy continuations."""
+    """Median, min, max top-p nucleus size over the prompt positions and 32 top-p sampled tokens."""
     with torch.no_grad():
-        seqs = model.generate(ids, mask, max_new_tokens=32)
+        seqs = model.generate(ids, mask, max_new_tokens=32, generator=torch.Generator(ids.device).manual_seed(0),
+                              **MODES["top-p"])
         full_mask = torch.cat([mask, torch.ones_like(seqs[:, mask.size(1):])], 1)
         logits = model(seqs, full_mask, (full_mask.cumsum(-1) - 1).clamp(min=0))[full_mask.bool()].float()
         probs = (logits / TEMPERATURE).softmax(-1).sort(-1, descending=True).values
@@ -144,18 +145,21 @@ def nucleus_sizes(model, ids, mask) -> tuple[float, int, int]:
     return float(n.float().median()), int(n.min()), int(n.max())
 
 
-def run_row(engines: dict, device, repeats: int) -> dict[str, float]:
-    """Median seconds of each engine, runs interleaved; one untimed warm-up each."""
-    times = {name: [] for name in engines}
+def run_row(engines: dict, device, repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU (process) seconds of each engine, runs interleaved, one untimed warm-up
+    each.  With one torch thread the CPU time is what an engine costs on a shared machine; the
+    wall time also counts the time other jobs held the core."""
+    times = {name: {"wall": [], "cpu": []} for name in engines}
     for i in range(repeats + 1):
         for name, fn in engines.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             if i:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                times[name]["wall"].append(time.perf_counter() - t0)
+                times[name]["cpu"].append(time.process_time() - c0)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
 def row_engines(row, models, ids, mask, wanted, device, args):
@@ -204,14 +208,14 @@ def main(argv=None) -> None:
     for row in rows:
         engines, tokens = row_engines(row, models, ids, mask, wanted, device, args)
         t = run_row(engines, device, args.repeats if row[2] * row[3] <= 12 * 64 or row[1] != "beam" else 1)
-        if "starter" in t:
-            t["starter"] *= row[2]  # one prompt at a time: the batch takes `batch` times as long
-        tps = {k: tokens / v for k, v in t.items()}
-        ref = tps.get("transformers")
-        table.append([*map(str, row), *(f"{tps[e]:.1f}" if e in tps else "-" for e in ("eager", "compiled", "transformers", "starter")),
-                      *(f"{tps[e] / ref:.2f}" if e in tps and ref else "-" for e in ("eager", "compiled")),
-                      f"{tps['eager'] / tps['starter']:.1f}" if "starter" in tps and "eager" in tps else "-"])
-        payload["rows"].append({"row": row, "seconds": t, "tokens_per_s": tps})
+        if "starter" in t:  # one prompt at a time: the batch takes `batch` times as long
+            t["starter"] = {k: v * row[2] for k, v in t["starter"].items()}
+        tps = {k: tokens / v["wall"] for k, v in t.items()}
+        cpu = {k: tokens / v["cpu"] for k, v in t.items()}
+        table.append([*map(str, row), *(f"{tps[e]:.1f}" if e in tps else "-" for e in ENGINES),
+                      *(ratio(cpu, e, "transformers") for e in ("eager", "compiled")), ratio(tps, "eager", "transformers"),
+                      ratio(cpu, "eager", "starter")])
+        payload["rows"].append({"row": row, "seconds": t, "tokens_per_s": tps, "tokens_per_cpu_s": cpu})
         print(markdown_table(HEADER, table[-1:]).splitlines()[-1], flush=True)
     if "speculative" in wanted:
         table += speculative_rows(models.get("peaked") or next(iter(models.values())), ids, mask, device, args, payload)
@@ -220,8 +224,14 @@ def main(argv=None) -> None:
     print("wrote", write_results(args.out or f"generation-{args.device}", payload))
 
 
+ENGINES = ("eager", "compiled", "transformers", "starter")
 HEADER = ["dist", "decoding", "batch", "new", "eager tok/s", "compiled tok/s", "transformers tok/s",
-          "starter tok/s", "eager / HF", "compiled / HF", "eager / starter"]
+          "starter tok/s", "eager / HF (CPU time)", "compiled / HF (CPU time)", "eager / HF (wall)",
+          "eager / starter (CPU time)"]
+
+
+def ratio(tps: dict, a: str, b: str) -> str:
+    return f"{tps[a] / tps[b]:.2f}" if a in tps and b in tps else "-"
 
 
 def speculative_rows(pair, ids, mask, device, args, payload) -> list[list[str]]:
@@ -241,14 +251,17 @@ def speculative_rows(pair, ids, mask, device, args, payload) -> list[list[str]]:
             "transformers": lambda: hf_target.generate(prompt, max_new_tokens=n, pad_token_id=50256, do_sample=False)}
         same = torch.equal(engines["speculative"](), engines["greedy"]())
         t = run_row(engines, device, args.repeats)
-        tps = {name: n / v for name, v in t.items()}
-        label = f"greedy + speculative (draft {args.draft_layers} layer(s), k={k}, acceptance {stats['acceptance_rate']:.2f})"
-        rows.append(["peaked*", label, "1", str(n), f"{tps['speculative']:.1f}", "-", f"{tps['transformers assisted']:.1f}",
-                     "-", f"{tps['speculative'] / tps['transformers assisted']:.2f}", "-",
-                     f"{tps['speculative'] / tps['greedy']:.2f} x our greedy ({tps['greedy']:.1f} tok/s), "
-                     f"{tps['speculative'] / tps['transformers']:.2f} x HF greedy; tokens == greedy: {same}"])
-        payload["rows"].append({"row": ["speculative", n], "seconds": t, "tokens_per_s": tps, "stats": dict(stats),
-                                "identical_to_greedy": same})
+        tps = {name: n / v["wall"] for name, v in t.items()}
+        cpu = {name: n / v["cpu"] for name, v in t.items()}
+        label = (f"greedy + speculative (draft: {args.draft_layers} layer(s), k={k}, "
+                 f"acceptance {stats['acceptance_rate']:.2f})")
+        rows.append(["peaked*", label, "1", str(n), f"{tps['speculative']:.1f}", "-",
+                     f"{tps['transformers assisted']:.1f} (assisted)", "-",
+                     ratio(cpu, "speculative", "transformers assisted"), "-", ratio(tps, "speculative", "transformers assisted"),
+                     f"{ratio(cpu, 'speculative', 'greedy')} x our greedy ({tps['greedy']:.1f} tok/s), "
+                     f"{ratio(cpu, 'speculative', 'transformers')} x HF greedy; tokens == greedy: {same}"])
+        payload["rows"].append({"row": ["speculative", n], "seconds": t, "tokens_per_s": tps, "tokens_per_cpu_s": cpu,
+                                "stats": dict(stats), "identical_to_greedy": same})
         print(markdown_table(HEADER, rows[-1:]).splitlines()[-1], flush=True)
     return rows
 

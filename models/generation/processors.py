@@ -14,8 +14,8 @@ candidate and every less probable token, which is what the full algorithm compar
 sort instead when
 * its candidates do not reach the boundary (candidate mass below p: a flat distribution; when
   even K times the top probability is below p for every row, `torch.topk` is skipped), or
-* a candidate's c_i lies within `NUCLEUS_RTOL * c_i` of 1 - p, where the float32 arithmetic of
-  the full algorithm could decide either way (bound derived at NUCLEUS_RTOL), or
+* a candidate's c_i lies within `nucleus_rtol(...) * c_i` of 1 - p, where the float32 arithmetic
+  of the full algorithm could decide either way (a rigorous error bound, derived there), or
 * the boundary falls inside a group of tied logits (then the full sort's order of the ties
   decides which of them it keeps; we let it decide).
 Every other row keeps exactly the tokens the full algorithm keeps, so the filtered scores, and
@@ -39,15 +39,27 @@ NUCLEUS_CANDIDATES = 1024
 NUCLEUS_FAST_DEVICES = ("cpu",)
 
 
-def nucleus_rtol(vocab_size: int) -> float:
-    """Bound on |cum_i - c_i| / c_i for the full algorithm's float32 cumulative mass `cum_i`.
+def nucleus_rtol(vocab_size: int, e: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Per-row bound on |cum_i - c_i| / c_i, `cum_i` being the full algorithm's float32
+    cumulative mass and c_i the exact one; e (N, K) float64 exp(x - max) of the candidates in
+    descending order, total (N, 1) the float64 sum over the whole row.
 
-    Its float32 softmax sums V exponentials; a vectorised sum with at least 8 independent
-    accumulators adds at most V/8 + 8 terms in sequence, each rounding by <= 2^-24 (Higham,
-    "Accuracy and Stability of Numerical Algorithms", eq. 4.4); the exponentials (<= 1 ulp, plus
-    the rounding of x - max, <= 64 ulp for logit gaps below 64), the division and the final
-    rounding of the double-accumulated cumsum add a few ulp more.  We allow 128 ulp for those."""
-    return (vocab_size / 8 + 8 + 128) * 2.0 ** -24
+    `cum = softmax(sorted).cumsum()` on a CPU: the cumsum accumulates in float64 (exact enough),
+    so the error is that of the float32 softmax: its exponentials, the product with 1 / sum
+    (a few ulp each; 128 ulp are allowed for them, the rounding of x - max for logit gaps up to
+    ~100 included) and above all its float32 sum s of the V exponentials.  That sum runs in one
+    vector accumulator of L >= 8 lanes over the ascending array (`vec::reduce_all`), then adds
+    the lanes: by Higham ("Accuracy and Stability of Numerical Algorithms", 2002, eq. 4.3) its
+    error is at most 2^-24 * sum over terms of (term * the additions it takes part in).  A term
+    of descending rank i meets at most i / 8 + 2 later additions in its lane, any term at most
+    V / 8 + 2, plus log2(L) <= 4 for the lanes.  The candidates' ranks are known, the rest of
+    the row (mass total - sum(e)) is bounded by V / 8 + 2: a peaked row gets a bound of ~1e-5
+    (the measured error is ~2e-7), a flat one ~4e-4."""
+    u = 2.0 ** -24
+    rank = torch.arange(e.size(-1), device=e.device, dtype=e.dtype)
+    head = (e * (rank / 8 + 2)).sum(-1, keepdim=True)
+    rest = (total - e.sum(-1, keepdim=True)).clamp(min=0) * (vocab_size / 8 + 2)
+    return u * ((head + rest) / total + 4 + 128)  # (N, 1)
 
 
 # ---- processors ---------------------------------------------------------------------------------------
@@ -136,7 +148,7 @@ def nucleus_on_candidates(flat: torch.Tensor, p: float, min_tokens_to_keep: int,
     threshold = torch.tensor(1.0 - p, dtype=flat.dtype).item()  # what `cum <= 1 - p` compares with
     rank = torch.arange(K, device=flat.device)
     kept = torch.clamp((mass > threshold).sum(-1), min=min_tokens_to_keep)  # (N,): a prefix of the candidates
-    uncertain = ((mass - threshold).abs() <= nucleus_rtol(V) * mass) & (rank >= min_tokens_to_keep)
+    uncertain = ((mass - threshold).abs() <= nucleus_rtol(V, e, total) * mass) & (rank >= min_tokens_to_keep)
     last_kept = cand.gather(1, (kept - 1)[:, None]).squeeze(1)
     first_dropped = cand.gather(1, kept.clamp(max=K - 1)[:, None]).squeeze(1)
     fallback = uncertain.any(-1) | (kept >= K) | (last_kept == first_dropped)
