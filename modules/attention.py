@@ -45,7 +45,11 @@ class CausalSelfAttention(nn.Module):
         self.value = nn.Linear(d, d)
         self.dropout_p = config.attention_probs_dropout_prob
         self.kv_cache: Optional[KVCache] = None
-        self.fused_qkv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (3D, D) weight, (3D,) bias
+        # Fused q/k/v for inference: (3D, D) weight and (3D,) bias while fused, else None.  Buffers
+        # (not persistent: never in a state_dict) so that .to() moves them and CUDA graphs see them
+        # as static inputs.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def fuse_qkv(self) -> bool:
         """Inference only: concatenate the query/key/value weights into one (3D, D) projection that
@@ -54,14 +58,15 @@ class CausalSelfAttention(nn.Module):
         `unfuse_qkv` when done (generate() does both)."""
         projections = (self.query, self.key, self.value)
         if not all(type(p) is nn.Linear and p.bias is not None for p in projections):
-            self.fused_qkv = None
+            self.unfuse_qkv()
             return False
         with torch.no_grad():
-            self.fused_qkv = (torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
+            self.qkv_weight = torch.cat([p.weight for p in projections])
+            self.qkv_bias = torch.cat([p.bias for p in projections])
         return True
 
     def unfuse_qkv(self) -> None:
-        self.fused_qkv = None
+        self.qkv_weight = self.qkv_bias = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -72,8 +77,8 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, D); attn_mask: boolean (B or 1, 1, T, S), True = may attend. Returns (B, T, D).
         `cache_start`: None (no cache), an int or a LongTensor of slots (see `KVCache.update`)."""
         B, T, D = x.shape
-        if self.fused_qkv is not None and not torch.is_grad_enabled():
-            q, k, v = (self.split_heads(t) for t in F.linear(x, *self.fused_qkv).split(D, dim=-1))
+        if self.qkv_weight is not None and not torch.is_grad_enabled():
+            q, k, v = (self.split_heads(t) for t in F.linear(x, self.qkv_weight, self.qkv_bias).split(D, dim=-1))
         else:
             q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
         if cache_start is not None:

@@ -122,13 +122,15 @@ def test_fused_qkv_matches_separate_projections(peaked_vocab):
     attention = ours.gpt.gpt_layers[0].self_attention
     with torch.no_grad():
         separate = attention(x, is_causal=True)
-        assert ours.fuse_qkv() and attention.fused_qkv is not None
+        keys = set(ours.state_dict())
+        assert ours.fuse_qkv() and attention.qkv_weight is not None
+        assert set(ours.state_dict()) == keys  # checkpoints never see the fused copy
         fused = attention(x, is_causal=True)
         with torch.enable_grad():  # training never uses the (stale-able) fused copy
             assert torch.equal(attention(x, is_causal=True), separate)
     ours.unfuse_qkv()
     torch.testing.assert_close(fused, separate, rtol=0, atol=1e-6)
-    assert attention.fused_qkv is None
+    assert attention.qkv_weight is None
 
 
 @pytest.mark.parametrize("targets,fused", [("qv", False), ("mlp", True)])
@@ -141,7 +143,7 @@ def test_fused_qkv_refused_for_lora_wrapped_projections(tmp_path, targets, fused
     apply_lora(model, targets=targets)
     model.eval()
     assert model.fuse_qkv() is fused
-    assert all((layer.self_attention.fused_qkv is not None) is fused for layer in model.gpt.gpt_layers)
+    assert all((layer.self_attention.qkv_weight is not None) is fused for layer in model.gpt.gpt_layers)
     model.unfuse_qkv()
     assert torch.equal(model.generate(ids, max_new_tokens=8), before)  # LoRA B starts at zero
 
