@@ -95,8 +95,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     one `torch.compile`d static step (compiled once per shape; worth it for long generations or
     on a GPU).  `assistant_model` (a GPT2LMHeadModel with the same vocabulary) turns on
     speculative decoding: it proposes `num_assistant_tokens` tokens, the model verifies them in
-    one forward.  `stats`, a dict, receives counts of the run (steps, and for speculative
-    decoding draft/accepted tokens and the acceptance rate).  The models run in eval mode
+    one forward.  `stats`, a dict, receives counts of the run (`new_tokens`; with an assistant
+    also `target_forwards`, `draft_tokens`, `accepted_tokens`, `acceptance_rate`, `compactions`).  The models run in eval mode
     (dropout off) and are put back in their previous modes afterwards.
     """
     if input_ids.dim() != 2:
