@@ -61,7 +61,7 @@ class CausalSelfAttention(nn.Module):
             self.unfuse_qkv()
             return False
         with torch.no_grad():
-            self.qkv_weight = torch.cat([p.weight for p in projections])
+            self.qkv_weight = torch.cat([p.weight for p in projections])  # (3D, D)
             self.qkv_bias = torch.cat([p.bias for p in projections])
         return True
 

@@ -26,8 +26,11 @@ class KVCache(nn.Module):
                  dtype: torch.dtype, device: Union[torch.device, str], static: bool = False):
         super().__init__()
         shape = (batch_size, num_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # A static cache is read whole (masked), so it must hold finite values; the other reads only
+        # filled slots and skips the zero-fill.
+        alloc = torch.zeros if static else torch.empty
+        self.register_buffer("k", alloc(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", alloc(shape, dtype=dtype, device=device), persistent=False)
         self.static = static
         self._spare: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # reorder's target, made on first use
 

@@ -133,6 +133,21 @@ def test_fused_qkv_matches_separate_projections(peaked_vocab):
     assert attention.qkv_weight is None
 
 
+def test_generation_with_fused_qkv_gives_the_same_tokens(small_vocab, monkeypatch):
+    """Generation fuses q/k/v on FUSE_QKV_DEVICES (CUDA); forced here on the CPU."""
+    ours, _ = small_vocab
+    ids, mask = left_pad(PROMPTS, PAD)
+    separate = ours.generate(ids, mask, max_new_tokens=12, pad_token_id=PAD, num_beams=2)
+    monkeypatch.setattr(decoder_module, "FUSE_QKV_DEVICES", ("cpu",))
+    fused_during = []
+    real_step = decoder_module.Decoder.step
+    monkeypatch.setattr(decoder_module.Decoder, "step", lambda self, *a: fused_during.append(
+        self.gpt.gpt_layers[0].self_attention.qkv_weight is not None) or real_step(self, *a))
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=12, pad_token_id=PAD, num_beams=2), separate)
+    assert fused_during and all(fused_during)
+    assert ours.gpt.gpt_layers[0].self_attention.qkv_weight is None  # unfused afterwards
+
+
 @pytest.mark.parametrize("targets,fused", [("qv", False), ("mlp", True)])
 def test_fused_qkv_refused_for_lora_wrapped_projections(tmp_path, targets, fused):
     from training.efficient import apply_lora

@@ -12,8 +12,8 @@ step needs is built once, in `__init__`:
   block-sparse FlexAttention path (`attention_backend="flex"`) get their BlockMask per step;
 * the position of every step (B|1, n_steps): `cumsum(mask) - 1` of the next slot;
 * the KV cache of `batch_size` rows and S = P + max_new_tokens - 1 slots (the last new token is
-  never fed back), and the fused q/k/v projections (`GPT2PreTrainedModel.fuse_qkv`; skipped for
-  LoRA-wrapped layers).
+  never fed back), and on `FUSE_QKV_DEVICES` the fused q/k/v projections
+  (`GPT2PreTrainedModel.fuse_qkv`; skipped for LoRA-wrapped layers).
 
 Only the last position goes through the output layer.  On a CPU it is applied in slices of
 `HEAD_CHUNK` vocabulary rows: the same products (bit for bit: every output element is the same
@@ -34,6 +34,10 @@ from modules.attention import build_attention_mask
 from modules.attention_patterns import use_flex
 
 HEAD_CHUNK = {"cpu": 1024}  # vocabulary rows per matmul of the output layer; devices not listed: one matmul
+# Devices on which a generation fuses q/k/v.  Not CPUs: there the three (12 x 768) @ (768 x 768)
+# products cost what the one (12 x 768) @ (768 x 2,304) costs, while copying the weights into the
+# fused matrix takes ~60 ms per generate() call for gpt2 (about a token's time).
+FUSE_QKV_DEVICES = ("cuda",)
 
 
 def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
@@ -63,15 +67,15 @@ def _static_step(gpt, tokens, t_index, slot, positions, tables):
     return lm_logits(gpt, h[:, -1])
 
 
-_compiled_step = None
+_compiled_steps: dict = {}
 
 
-def compiled_step():
-    global _compiled_step
-    if _compiled_step is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else None
-        _compiled_step = torch.compile(_static_step, mode=mode, fullgraph=True, dynamic=False)
-    return _compiled_step
+def compiled_step(device_type: str):
+    """The compiled `_static_step` for a device type (CUDA: mode "reduce-overhead", CUDA graphs)."""
+    if device_type not in _compiled_steps:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _compiled_steps[device_type] = torch.compile(_static_step, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_steps[device_type]
 
 
 class Decoder:
@@ -93,7 +97,8 @@ class Decoder:
         # Under autocast keys and values come out in the autocast dtype: store them that way.
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         model.setup_kv_cache(batch_size, self.slots, dtype=dtype, static=compile)
-        model.fuse_qkv()
+        if device.type in FUSE_QKV_DEVICES:
+            model.fuse_qkv()
         self.padded = mask is not None
         key_valid = None
         if mask is not None:
@@ -139,7 +144,8 @@ class Decoder:
         slot = self.P + t - 1
         if self.compile:
             t_index = torch.full((1,), t - 1, dtype=torch.long, device=self.device)
-            logits = compiled_step()(self.gpt, tokens, t_index, t_index + self.P, self.positions, self.tables)
+            logits = compiled_step(self.device.type)(self.gpt, tokens, t_index, t_index + self.P, self.positions,
+                                                     self.tables)
             return logits.clone() if self.device.type == "cuda" else logits
         masks = {p: (table[:, :, t - 1:t, :slot + 1], False) for p, table in self.tables.items()}
         for p in self.flex:

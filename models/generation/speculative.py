@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from models.generation.decoder import lm_logits
+from models.generation.decoder import FUSE_QKV_DEVICES, lm_logits
 from models.generation.processors import LogitsSettings, NEG_INF, warp
 from models.generation.sampling import StopRules
 from modules.attention import build_attention_mask
@@ -99,7 +99,8 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
 
     for m in (model, draft):
         m.setup_kv_cache(B, slots)
-        m.fuse_qkv()
+        if device.type in FUSE_QKV_DEVICES:
+            m.fuse_qkv()
     try:
         positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
         h = model.gpt.encode(input_ids, mask, positions, cache_start=0)
