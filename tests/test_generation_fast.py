@@ -215,7 +215,7 @@ def test_compiled_decode_equals_eager_SLOW_COMPILE(small_vocab):
     ours, _ = small_vocab
     ids, mask = left_pad(PROMPTS, PAD)
     for kwargs in (dict(), dict(do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(3)),
-                   dict(eos_token_id=6)):
+                   dict(eos_token_id=6), dict(num_beams=2, eos_token_id=6)):
         eager = ours.generate(ids, mask, max_new_tokens=10, pad_token_id=PAD,
                               **{k: (torch.Generator().manual_seed(3) if k == "generator" else v)
                                  for k, v in kwargs.items()})
