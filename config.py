@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 GPT2_VOCAB_SIZE = 50257
 EOS_TOKEN_ID = 50256
+# The values of the sparse-attention fields (modules/attention_patterns.py documents them).
+AttentionPattern = Literal["dense", "logsparse", "local", "hybrid"]
+AttentionBackend = Literal["auto", "sdpa", "flex", "sparse"]
+ATTENTION_PATTERNS: tuple[str, ...] = get_args(AttentionPattern)
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 @dataclass
@@ -31,11 +36,15 @@ class GPT2Config:
     eos_token_id: int = EOS_TOKEN_ID
     name: str = "custom"
     # Sparse attention (modules/attention_patterns.py): the pattern of the sparse layers, the
-    # local window, which layers are sparse (the rest dense), and the execution path.
-    attention: str = "dense"  # dense | logsparse | local | hybrid
+    # local window, Longformer-style global tokens (the first N positions attend to and are
+    # attended by every position), which layers are sparse (the rest dense), and the execution
+    # path (auto | sdpa: masked dense | flex: block-sparse FlexAttention | sparse: the gather
+    # path of modules/sparse_attention.py).
+    attention: AttentionPattern = "dense"
     attention_window: int = 64
+    attention_global_tokens: int = 0
     sparse_layers: str = "all"  # all | even | odd | comma-separated layer indices
-    attention_backend: str = "auto"  # auto | sdpa | flex
+    attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
@@ -92,8 +101,8 @@ class GPT2Config:
             max_position_embeddings=hf["n_positions"],
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             initializer_range=hf.get("initializer_range", 0.02),
-            eos_token_id=hf.get("eos_token_id") or EOS_TOKEN_ID,
-            pad_token_id=hf.get("pad_token_id") or hf.get("eos_token_id") or EOS_TOKEN_ID,
+            eos_token_id=_first_set(hf.get("eos_token_id"), EOS_TOKEN_ID),
+            pad_token_id=_first_set(hf.get("pad_token_id"), hf.get("eos_token_id"), EOS_TOKEN_ID),
             name=name,
             **{k: v for k, v in hf.get(SPARSE_ATTENTION_KEY, {}).items() if k in SPARSE_ATTENTION_FIELDS},
         )
@@ -135,8 +144,14 @@ class GPT2Config:
         return dataclasses.asdict(self)
 
 
+def _first_set(*values):
+    """The first value that is not None (0 is a valid token id: `or` would skip it)."""
+    return next(v for v in values if v is not None)
+
+
 SPARSE_ATTENTION_KEY = "sparse_attention"
-SPARSE_ATTENTION_FIELDS = ("attention", "attention_window", "sparse_layers", "attention_backend")
+SPARSE_ATTENTION_FIELDS = ("attention", "attention_window", "attention_global_tokens", "sparse_layers",
+                           "attention_backend")
 SPARSE_ATTENTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPT2Config)
                              if f.name in SPARSE_ATTENTION_FIELDS}
 

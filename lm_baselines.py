@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import time
@@ -25,6 +26,7 @@ from lm.corpus import find_data_file
 from lm.models import build_baseline
 from lm.report import write_results
 from lm.vocab import Vocabulary, read_english_sentences, read_ptb_sentences
+from training.cli import UsageError, add_device_args, check_file_flags, entry_point, resolve_device
 
 DEFAULT_PROMPTS = ["the company said", "in the first quarter", "the president of the"]
 
@@ -61,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample_words", type=int, default=25, help="words sampled per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled continuation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 avoids thread thrashing on a CPU shared with other jobs)")
     p.add_argument("--out", type=Path, default=Path("runs/lm_baselines/latest"), help="results directory")
@@ -71,7 +73,41 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.max_minutes = args.max_minutes * len(args.models)
         if len(args.max_minutes) != len(args.models):
             p.error(f"--max_minutes: give one value or one per model ({len(args.models)}), got {len(args.max_minutes)}")
+    for flag in ("epochs", "batch_size", "bptt", "hidden", "layers", "tf_layers", "tf_heads", "tf_context",
+                 "tf_batch_size", "sample_words"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("cross_max_words", "max_steps_per_epoch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    for flag, low in (("lr", 0.0), ("clip", 0.0)):
+        if not (getattr(args, flag) > low and math.isfinite(getattr(args, flag))):
+            raise UsageError(f"--{flag} must be a finite number > {low:g}, got {getattr(args, flag)}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.max_minutes is not None and not all(m > 0 and math.isfinite(m) for m in args.max_minutes):
+        raise UsageError(f"--max_minutes must be finite numbers > 0, got {args.max_minutes}")
+    args.device = str(resolve_device("cuda" if args.use_gpu else args.device))
+    check_files(args)
     return args
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Every corpus file exists (the defaults resolved under data/ or ../shared/data) and --out is
+    a directory to write into, before any model trains."""
+    try:
+        for split in ("train", "valid", "test"):
+            path = args.ptb_dir / f"ptb.{split}.txt" if args.ptb_dir else find_data_file(f"ptb/ptb.{split}.txt")
+            check_file_flags({"--ptb_dir": path})
+        args.wikitext = args.wikitext or find_data_file("wikitext-2/test.txt")
+        args.shakespeare = args.shakespeare or find_data_file("tinyshakespeare/input.txt")
+    except FileNotFoundError as exc:
+        raise UsageError(f"{exc}") from None
+    check_file_flags({"--wikitext": args.wikitext, "--shakespeare": args.shakespeare})
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory for the results")
 
 
 def load_streams(args, log):
@@ -157,4 +193,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)()

@@ -17,13 +17,13 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
-from evaluation.perplexity import perplexity, sliding_window_nll
-from lm.corpus import find_data_file, join_documents, read_documents
+from evaluation.perplexity import perplexity, score_windows
+from lm.corpus import find_data_file, tokenize_corpus_file
 from models.gpt2 import GPT2LMHeadModel
 from models.tokenizer import load_tokenizer
-from modules.attention_patterns import add_attention_args, attention_overrides
+from training.cli import UsageError, add_attention_args, add_device_args, entry_point, resolve_device
+from training.config import ModelConfig
 
 DEFAULT_CORPORA = {
     "ptb": "ptb/ptb.test.txt",
@@ -52,13 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_tokens", type=int, default=None,
                    help="score only the first N tokens of each text (keeps CPU runs short)")
     p.add_argument("--tokenizer", default=None, help="directory with vocab.json and merges.txt")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(p)
     add_attention_args(p)
     args = p.parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 2:
-        p.error(f"--max_tokens must be >= 2, got {args.max_tokens}")
+        raise UsageError(f"--max_tokens must be >= 2, got {args.max_tokens}")
     if args.batch_size < 1:
-        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    for flag in ("window", "stride"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     args.model = args.model or ["tiny"]
     return args
 
@@ -73,33 +76,8 @@ def corpus_paths(specs: list[str]) -> dict[str, Path]:
         elif spec in DEFAULT_CORPORA:
             out[spec] = find_data_file(DEFAULT_CORPORA[spec])
         else:
-            raise SystemExit(f"--corpora: unknown corpus {spec!r}; use one of {list(DEFAULT_CORPORA)} or NAME=PATH")
+            raise UsageError(f"--corpora: unknown corpus {spec!r}; use one of {list(DEFAULT_CORPORA)} or NAME=PATH")
     return out
-
-
-def tokenize_file(path: Path, tokenizer, max_tokens: int | None) -> torch.Tensor:
-    docs = read_documents(path)
-    if max_tokens is not None:
-        # Only the start is scored: tokenise a generous prefix of characters, not the whole file.
-        kept, budget = [], max_tokens * 8
-        for doc in docs:
-            kept.append(doc[:budget])
-            budget -= len(kept[-1])
-            if budget <= 0:
-                break
-        docs = kept
-    stream = join_documents([tokenizer.encode(d, verbose=False) for d in docs], tokenizer.eos_token_id)
-    return torch.tensor(stream[:max_tokens] if max_tokens else stream, dtype=torch.long)
-
-
-def score(model, ids: torch.Tensor, args) -> tuple[float, int]:
-    window = args.window or model.config.max_position_embeddings
-    if window > model.config.max_position_embeddings:
-        raise SystemExit(f"--window {window} exceeds the model's {model.config.max_position_embeddings} positions")
-    stride = args.stride or max(1, window // 2)
-    if stride > window:
-        raise SystemExit(f"--stride {stride} must not exceed --window {window}")
-    return sliding_window_nll(model, ids, window=window, stride=stride, batch_size=args.batch_size)
 
 
 def main(argv=None) -> dict:
@@ -107,17 +85,22 @@ def main(argv=None) -> dict:
     files = {args.text_file.name: args.text_file} if args.text_file else corpus_paths(args.corpora)
     for name, path in files.items():
         if not path.is_file():
-            raise SystemExit(f"{name}: no such file {path}")
+            raise UsageError(f"{name}: no such file {path}")
+    overrides = ModelConfig(attention=args.attention, attention_window=args.attention_window,
+                            sparse_layers=args.sparse_layers, attention_backend=args.attention_backend,
+                            attention_global_tokens=args.attention_global_tokens)
+    overrides.validate()
+    device = resolve_device("cuda" if args.use_gpu else args.device)
     results: dict[str, dict[str, dict]] = {}
     for spec in args.model:
         model = GPT2LMHeadModel.from_name_or_path(spec, random_init=args.random_init,
-                                                  **attention_overrides(args)).to(args.device).eval()
+                                                  **overrides.overrides()).to(device).eval()
         tokenizer = load_tokenizer(args.tokenizer, model_dir=spec)
         results[spec] = {}
         for name, path in files.items():
-            ids = tokenize_file(path, tokenizer, args.max_tokens)
+            ids = tokenize_corpus_file(path, tokenizer, args.max_tokens)
             t0 = time.time()
-            nll, n = score(model, ids, args)
+            nll, n = score_windows(model, ids, args.window, args.stride, args.batch_size)
             row = {"tokens": n, "mean_nll": nll / n, "perplexity": perplexity(nll, n), "seconds": time.time() - t0}
             results[spec][name] = row
             print(f"{spec} on {path}: tokens={n} mean_nll={row['mean_nll']:.4f} "
@@ -140,4 +123,4 @@ def markdown_table(results: dict[str, dict[str, dict]], names: list[str]) -> str
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)()

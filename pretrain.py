@@ -8,7 +8,8 @@ blocks of `--max_length` tokens (`lm.corpus.pack_blocks`; the last partial block
 dropped).  Training runs on the shared trainer (`training/`: AdamW, warm-up + linear decay,
 precision, accumulation, checkpoints, `--resume`, metrics.jsonl); after every epoch the valid loss
 and perplexity are reported and the best epoch is kept.  The best model is saved in Hugging Face
-format to `RUN_DIR/model` (with the tokenizer files), which every script loads with
+format to `RUN_DIR/model` (with the tokenizer files; with `--qat int8|int4` also the quantized model
+to `RUN_DIR/model-int8|int4`), which every script loads with
 `--init_checkpoint RUN_DIR/model` (or `--model_size RUN_DIR/model`) -- e.g. poetry pretraining, then sonnet fine-tuning:
 
     python pretrain.py --model_size gpt2 --corpus data/poetry/PoetryFoundationData.csv --run_dir runs/pretrain/poetry --use_gpu
@@ -20,23 +21,24 @@ chrF from 40.5 to 41.4 in the CS224N report this codebase follows.)
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
+import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from common.errors import ConfigError
 from evaluation.perplexity import perplexity
 from lm.corpus import FORMATS, join_documents, pack_blocks, read_documents, split_documents
 from models.gpt2 import GPT2LMHeadModel
-from models.tokenizer import TOKENIZER_FILES, resolve_tokenizer_dir
-from training.build import autocast, build_model, load_tokenizer_for, seed_everything, select_device
-from training.cli import add_common_args, check_common_args
-from training.trainer import MetricsLog, Trainer, TrainTask, default_run_dir
+from models.losses import block_loss_sum
+from training.build import autocast
+from training.cli import UsageError, add_common_args, entry_point
+from training.runner import ScriptRun
+from training.task import TrainTask
 
 DEFAULT_BLOCK = 512
+FIELD_FLAGS = {"block_size": "--max_length"}  # the library's block size is this script's --max_length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,93 +51,87 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_batch_size", type=int, default=None, help="valid blocks per forward (default --batch_size)")
     add_common_args(p, epochs=3, batch_size=8, lr=5e-5, model_size="gpt2")
     args = p.parse_args(argv)
-    check_common_args(args)
     if not 0 < args.valid_fraction < 1:
-        p.error(f"--valid_fraction must be in (0, 1), got {args.valid_fraction}")
+        raise UsageError(f"--valid_fraction must be in (0, 1), got {args.valid_fraction}")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise UsageError(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
     for path in args.corpus:
         if not path.is_file():
-            p.error(f"--corpus {path}: no such file")
+            raise UsageError(f"--corpus {path}: no such file")
     return args
 
 
-def lm_loss_sum(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of full blocks (B, T) and the number of targets."""
-    logits = model(input_ids)[:, :-1]  # (B, T-1, V)
-    targets = input_ids[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"), \
-        targets.numel()
-
-
-def build_blocks(args, tokenizer, block_size: int) -> dict[str, torch.Tensor]:
+def build_blocks(args, run: ScriptRun, block_size: int) -> dict[str, torch.Tensor]:
+    tokenizer = run.tokenizer
     docs = [d for path in args.corpus for d in read_documents(path, args.format)]
-    splits = dict(zip(("train", "valid"), split_documents(docs, args.valid_fraction, seed=args.seed)))
+    splits = dict(zip(("train", "valid"), split_documents(docs, args.valid_fraction, seed=run.cfg.train.seed)))
     blocks = {}
     for name, texts in splits.items():
         stream = join_documents([tokenizer.encode(t, verbose=False) for t in texts], tokenizer.eos_token_id)
         try:
             blocks[name], tail = pack_blocks(stream, block_size)
-        except ValueError as exc:
-            raise SystemExit(f"{name} split: {exc}") from exc
-        if args.limit:
-            blocks[name] = blocks[name][:args.limit]
-        print(f"{name}: {len(texts)} documents, {len(stream):,} tokens -> {blocks[name].shape[0]} blocks of "
-              f"{block_size} ({len(tail)} tail tokens dropped)")
+        except ConfigError as exc:
+            raise ConfigError(exc.field, f"{name} split: {exc.detail}") from None
+        blocks[name] = blocks[name][: run.cfg.train.limit] if run.cfg.train.limit else blocks[name]
+        run.say(f"{name}: {len(texts)} documents, {len(stream):,} tokens -> {blocks[name].shape[0]} blocks of "
+                f"{block_size} ({len(tail)} tail tokens dropped)")
     return blocks
-
-
-def copy_tokenizer_files(args, model_dir: Path) -> None:
-    """vocab.json + merges.txt next to the weights, so the saved directory is self-contained
-    (`models.tokenizer` looks in the model directory when no tokenizer is given)."""
-    source = resolve_tokenizer_dir(args.tokenizer, None if args.random_init else args.model_size)
-    if Path(source).is_dir():
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(Path(source) / name, Path(model_dir) / name)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = select_device(args.use_gpu)
-    run_dir = default_run_dir(args, "pretrain")
-    seed_everything(args.seed)
-    model = build_model(GPT2LMHeadModel, args).to(device)
-    tokenizer = load_tokenizer_for(args)
-    block_size = min(args.max_length or DEFAULT_BLOCK, model.config.max_position_embeddings)
-    blocks = build_blocks(args, tokenizer, block_size)
-    eval_bs = args.eval_batch_size or args.batch_size
+    run = ScriptRun.start("pretrain", args, data=("corpus",))
+    model = run.build(GPT2LMHeadModel)
+    block_size = min(run.cfg.model.max_length or DEFAULT_BLOCK, model.config.max_position_embeddings)
+    blocks = build_blocks(args, run, block_size)
+    eval_bs, device, precision = args.eval_batch_size or run.cfg.train.batch_size, run.device, run.cfg.train.precision
 
     def evaluate(m) -> dict:
         total, count = 0.0, 0
         for i in range(0, blocks["valid"].shape[0], eval_bs):
-            with autocast(device, args.precision):
-                nll, n = lm_loss_sum(m, blocks["valid"][i:i + eval_bs].to(device))
+            with autocast(device, precision):
+                nll, n = block_loss_sum(m, blocks["valid"][i:i + eval_bs].to(device))
             total, count = total + nll.item(), count + n
         return {"valid_loss": total / count, "valid_ppl": perplexity(total, count)}
 
     def loss_fn(m, batch) -> tuple[torch.Tensor, int]:
-        nll, n = lm_loss_sum(m, batch["input_ids"])
+        nll, n = block_loss_sum(m, batch["input_ids"])
         return nll / n, n
 
     task = TrainTask("pretrain", [block_size] * blocks["train"].shape[0],
                      lambda idx: {"input_ids": blocks["train"][idx]}, loss_fn, evaluate,
                      metric="valid_loss", higher_is_better=False)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    result = Trainer(model, task, args, device, run_dir, log).fit()
-
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    epochs = [h for h in history if h["event"] == "epoch"]
-    print("\n| epoch | train loss | train ppl | valid loss | valid ppl |\n|---:|---:|---:|---:|---:|")
-    for h in epochs:
-        print(f"| {h['epoch']} | {h['train_loss']:.4f} | {math.exp(h['train_loss']):.2f} | "
-              f"{h['dev']['valid_loss']:.4f} | {h['dev']['valid_ppl']:.2f} |")
+    result = run.fit(model, task)
     if result.interrupted:
-        print(f"stopped early; continue with --resume {run_dir}")
-        return {"run_dir": run_dir, "interrupted": True}
-    model_dir = model.save_pretrained(run_dir / "model")
-    copy_tokenizer_files(args, model_dir)
-    print(f"best epoch {result.best_epoch}: valid ppl {result.best_metrics['valid_ppl']:.2f}; "
-          f"saved {model_dir} (start a task script from it with --init_checkpoint {model_dir})")
-    return {"run_dir": run_dir, "model_dir": model_dir, "best": result.best_metrics, "epochs": epochs}
+        print_epochs(run)
+        run.say(f"stopped early; continue with --resume {run.run_dir}")
+        return {"run_dir": run.run_dir, "interrupted": True}
+    model_dir = model.save_pretrained(run.run_dir / "model", tokenizer=run.tokenizer)  # before anything else can fail
+    out = {"run_dir": run.run_dir, "model_dir": model_dir, "best": result.best_metrics}
+    if run.cfg.efficiency.qat != "none":  # the deployable model: the very weights training computed with
+        import copy
+
+        from models.quant.qat import convert_qat
+
+        out["quantized_dir"] = convert_qat(copy.deepcopy(model)).save_pretrained(
+            run.run_dir / f"model-{run.cfg.efficiency.qat}", tokenizer=run.tokenizer)
+        run.say(f"saved the quantized model (--qat {run.cfg.efficiency.qat}) to {out['quantized_dir']}: "
+                f"load it with --model_size {out['quantized_dir']}")
+    out["epochs"] = print_epochs(run)
+    run.say(f"best epoch {result.best_epoch}: valid ppl {result.best_metrics['valid_ppl']:.2f}; "
+            f"saved {model_dir} (start a task script from it with --init_checkpoint {model_dir})")
+    return out
+
+
+def print_epochs(run: ScriptRun) -> list[dict]:
+    """The per-epoch table from the run's metrics log (a torn last line of the log is skipped)."""
+    epochs = run.log.records("epoch")
+    run.say("\n| epoch | train loss | train ppl | valid loss | valid ppl |\n|---:|---:|---:|---:|---:|")
+    for h in epochs:
+        run.say(f"| {h['epoch']} | {h['train_loss']:.4f} | {math.exp(min(h['train_loss'], 700)):.2f} | "
+                f"{h['dev']['valid_loss']:.4f} | {h['dev']['valid_ppl']:.2f} |")
+    return epochs
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main, FIELD_FLAGS)(sys.argv[1:])

@@ -30,10 +30,15 @@ VARIANTS = {
 }
 
 
-def distill_main():
-    import distill
+def run_distill(argv: list[str]) -> dict:
+    """One `distill.py` run in its own process (a benchmark imports no script); its report.json."""
+    import json
+    import subprocess
 
-    return distill.main
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "distill.py"), *argv], check=True, cwd=root)
+    run_dir = Path(argv[argv.index("--run_dir") + 1])
+    return json.loads((run_dir if run_dir.is_absolute() else root / run_dir).joinpath("report.json").read_text())
 
 
 def main(argv=None) -> dict:
@@ -49,12 +54,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out_dir", default="runs/distill-bench")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of {list(VARIANTS)}")
     args = p.parse_args(argv)
-    run = distill_main()
     results, rows = {}, []
     for name in args.variants:
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         t0 = time.perf_counter()
-        report = run(["--task", "lm", "--teacher", args.teacher, "--train_file", args.train_file,
+        report = run_distill(["--task", "lm", "--teacher", args.teacher, "--train_file", args.train_file,
                       "--valid_file", args.valid_file, "--init_every_k", args.init_every_k, "--limit", args.limit,
                       "--no_progress", "--run_dir", str(Path(args.out_dir) / slug), *VARIANTS[name], *extra])
         report["wall_seconds"] = time.perf_counter() - t0

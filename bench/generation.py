@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_prompts(path: str, device) -> tuple[torch.Tensor, torch.Tensor, str]:
     if Path(path).is_file():
-        from evaluation.sonnets import read_sonnets
+        from tasks.sonnets import read_sonnets
         from models.tokenizer import load_tokenizer
 
         tok = load_tokenizer(None)

@@ -15,10 +15,10 @@ import tempfile
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 from bench.common import machine_description, markdown_table, median, time_interleaved, write_results
+from models.losses import next_token_loss
 from config import GPT2Config
 from models import GPT2LMHeadModel
 from optimizer import AdamW
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
             models[name].train()
             with amp:
                 logits = logits_of[name](ids)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss = next_token_loss(logits, ids)
             loss.backward()
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_description, markdown_table, median, sync, write_results
+from models.losses import next_token_loss
 
 REPO = Path(__file__).resolve().parent.parent
 RANKS = (4, 8, 16, 32)
@@ -37,11 +38,12 @@ def configurations() -> list[str]:
     return [name + ckpt for name in base for ckpt in ("", "+ckpt")]
 
 
-def efficiency_args(name: str, lora_targets: str) -> argparse.Namespace:
-    """The command-line flags a configuration stands for."""
+def efficiency_args(name: str, lora_targets: str):
+    """The EfficiencyConfig a configuration stands for."""
+    from training.config import EfficiencyConfig
+
     kind, _, ckpt = name.partition("+")
-    ns = argparse.Namespace(peft="none", lora_r=16, lora_alpha=32.0, lora_dropout=0.05, lora_targets=lora_targets,
-                            freeze="none", freeze_layers=None, grad_checkpointing=ckpt == "ckpt")
+    ns = EfficiencyConfig(lora_targets=lora_targets, grad_checkpointing=ckpt == "ckpt")
     if kind == "first-half":
         ns.freeze = "first-half"
     elif kind.startswith("lora-r"):
@@ -60,8 +62,7 @@ def current_rss() -> int:
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns its measurements."""
     import peft  # noqa: F401  imported in every configuration so the CPU baseline RSS is the same
-    import torch.nn.functional as F
-
+    
     from config import GPT2Config
     from models.gpt2 import GPT2LMHeadModel
     from training.build import autocast
@@ -82,7 +83,7 @@ def run_one(args: argparse.Namespace) -> dict:
     def step() -> None:
         with autocast(device, args.precision):
             logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = next_token_loss(logits, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -16,17 +16,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import machine_description, markdown_table, median, time_interleaved, write_results
+from models.losses import next_token_loss
 from bench.model import build_pair
 from optimizer import AdamW
 from training.build import autocast
 from training.speed import enable_tf32, flops_per_token, matmul_params, peak_flops
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
 def main(argv=None) -> None:
@@ -72,7 +68,7 @@ def main(argv=None) -> None:
                 models[name].train()
                 with autocast(device, a.precision):
                     out = fwd[name](ids) if name == "ours" else fwd[name](input_ids=ids).logits
-                    loss = lm_loss(out, ids)
+                    loss = next_token_loss(out, ids)
                 loss.backward()
                 opts[name].step()
                 opts[name].zero_grad(set_to_none=True)

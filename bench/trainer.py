@@ -23,13 +23,13 @@ import transformers
 from torch import nn
 
 from bench.common import machine_description, markdown_table, median, write_results
-from classifier import GPT2SentimentClassifier
 from config import GPT2Config
 from models.gpt2 import GPT2Model
+from tasks.sentiment import GPT2SentimentClassifier
 from training.batching import bucketed_batches, pad_right
 from training.build import autocast
-from training.cli import add_common_args
-from training.trainer import Trainer, TrainTask, linear_schedule, make_optimizer
+from training.config import TrainConfig
+from training.trainer import Trainer, TrainTask
 
 
 def sst_lengths():
@@ -87,13 +87,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         backbone.save_pretrained(tmp)
         hf = transformers.GPT2Model.from_pretrained(tmp, attn_implementation="sdpa")
-    ours = GPT2SentimentClassifier(backbone, 5, 0.0, "full-model").to(device)
+    ours = GPT2SentimentClassifier(backbone, 5, 0.0).to(device)
     ref = HFClassifier(hf, 5).to(device)
     n = a.batch_size * a.batches
     ids = torch.randint(0, 50000, (n, a.seq_len))
     labels = torch.randint(0, 5, (n,))
-    args = add_common_args(argparse.ArgumentParser()).parse_args(
-        ["--batch_size", str(a.batch_size), "--lr", "1e-5", "--precision", a.precision, "--no_progress"])
+    cfg = TrainConfig(batch_size=a.batch_size, lr=1e-5, precision=a.precision, progress=False, warmup_ratio=0.0,
+                      epochs=100)
 
     def make_batch(idx):
         x, mask = pad_right(ids[idx].tolist(), 50256)
@@ -103,11 +103,8 @@ def main(argv=None) -> None:
         return F.cross_entropy(model(b["input_ids"], b["attention_mask"]).float(), b["labels"]), b["tokens"]
 
     task = TrainTask("bench", [a.seq_len] * n, make_batch, loss_fn, lambda m: {"x": 0.0}, metric="x")
-    trainer = Trainer(ours, task, args, device, run_dir=tempfile.mkdtemp())
-    opt = make_optimizer(ours, args.lr, 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(0, 100))
-    scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "fp16")
-    gen = torch.Generator().manual_seed(0)
+    trainer = Trainer(ours, task, cfg, device, run_dir=tempfile.mkdtemp())
+    state = trainer._make_state()  # the trainer's own optimiser, schedule and scaler
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-5, weight_decay=0.0)
 
     def plain(model, optimiser):
@@ -124,8 +121,8 @@ def main(argv=None) -> None:
         float(loss.detach())  # sync
         return tokens / (time.perf_counter() - t0)
 
-    loops = {"trainer": lambda: trainer.train_epoch(0, opt, sched, scaler, gen)["tokens_per_s"],
-             "plain": lambda: plain(ours, opt),
+    loops = {"trainer": lambda: trainer.train_epoch(state)["tokens_per_s"],
+             "plain": lambda: plain(ours, state.optimizer),
              "transformers": lambda: plain(ref, ref_opt)}
     speeds = {k: [] for k in loops}
     for r in range(a.rounds + 1):

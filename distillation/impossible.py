@@ -6,14 +6,18 @@ A small LM's own samples become paraphrase training data:
 * generate: *paraphrastic proximity*: several samples continuing the same context tend to say the
   same thing, so every two samples of one context form a candidate pair (`continue` mode); or
   *prompted rewriting*: the LM is asked to restate a question, and (question, rewrite) plus every
-  two rewrites form candidates (`rewrite` mode).  Batched sampling through `model.generate`.
+  two rewrites form candidates (`rewrite` mode).  Rounds >= 2 sample from the previous round's
+  student generator in the paraphrase format of `distillation/generator.py` (`paraphrase` mode:
+  (input, sample) plus every two samples).  Batched sampling through the shared `model.generate`,
+  each prompt repeated `samples_per_context` times (over-generation).
 * filter: rules applied in this order, each pair counted under the FIRST rule that removes it:
     too_short     either side has fewer than `min_words` words
     copy          the two sides are equal after normalisation (lowercase, words only)
     duplicate     the unordered normalised pair was already kept
     length_ratio  shorter / longer word count < `min_length_ratio`
-    near_copy     word-set Jaccard overlap > `max_overlap` (a paraphrase must rephrase)
-    critic        the critic's bidirectional score < tau (see `critic_scores`)
+    near_copy     lexical similarity > `max_overlap` (a paraphrase must rephrase), ROUGE-L, BLEU or
+                  chrF by `overlap_metric` (distillation/lexical.py: rouge-score and sacrebleu)
+    critic        the critic's bidirectional score < tau (distillation/critic.py)
 * build: filtered pairs are positives (label 1); each positive's first side also gets
   `negatives_per_positive` hard negatives: the sentences of OTHER contexts with the highest Jaccard
   overlap with it (topically close, sharing keywords, yet from another context, so not a
@@ -24,14 +28,15 @@ Words are `\\w+` runs of the lowercased text.
 from __future__ import annotations
 
 import csv
-import json
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from distillation.lexical import METRICS, distinct_n, similarity
+
+from common.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl  # noqa: F401  (the stages' files)
 
 _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
@@ -45,64 +50,26 @@ def normalise(text: str) -> str:
     return " ".join(words(text))
 
 
-def jaccard(a: str, b: str) -> float:
-    sa, sb = set(words(a)), set(words(b))
-    if not sa and not sb:
-        return 1.0
-    return len(sa & sb) / len(sa | sb)
-
-
 def one_line(text: str) -> str:
     """Collapse tabs and newlines so a sentence fits one TSV field."""
     return _SPACE.sub(" ", text).strip()
 
 
 # ---- files ------------------------------------------------------------------------------------
-def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {n}: not JSON ({exc.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}, line {n}: missing field(s) {missing}")
-            rows.append(row)
-    return rows
-
-
-def _atomic_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    return _atomic_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def stats_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".stats.json")
 
 
 def write_stats(out: str | Path, stats: dict) -> Path:
-    return _atomic_text(stats_path(out), json.dumps(stats, indent=2) + "\n")
+    return atomic_write_json(stats_path(out), stats)
 
 
 # ---- generate ---------------------------------------------------------------------------------
 REWRITE_PROMPT = ('Question: "', '"\nThe same question in other words: "')
+
+
+MODES = ("continue", "rewrite", "paraphrase")
 
 
 def make_prompt(context: str, mode: str) -> str:
@@ -110,29 +77,40 @@ def make_prompt(context: str, mode: str) -> str:
         return context.rstrip() + " "
     if mode == "rewrite":
         return REWRITE_PROMPT[0] + context.strip() + REWRITE_PROMPT[1]
-    raise ValueError(f"unknown generation mode {mode!r}; choose continue or rewrite")
+    raise ValueError(f"mode: unknown text-prompt mode {mode!r}; choose continue or rewrite")
+
+
+def prompt_ids(tokenizer, contexts: Sequence[str], mode: str) -> list[list[int]]:
+    """Token ids of each context's generation prompt (`paraphrase`: the generator's format)."""
+    if mode == "paraphrase":
+        from distillation.generator import paraphrase_prompt_ids
+
+        return paraphrase_prompt_ids(tokenizer, contexts)
+    return [tokenizer(make_prompt(c, mode), add_special_tokens=False)["input_ids"] for c in contexts]
 
 
 _SENTENCE_END = re.compile(r"[.?!](?=\s|$)")
 
 
 def clean_sample(text: str, mode: str) -> str:
-    """The first line of a sample, cut at the closing quote (rewrite) or first sentence end (continue)."""
+    """The first line of a sample, cut at the closing quote (rewrite) or first sentence end (continue);
+    a paraphrase-format sample is its first line."""
     text = text.split("\n", 1)[0]
     if mode == "rewrite":
         text = text.split('"', 1)[0]
-    else:
+    elif mode == "continue":
         m = _SENTENCE_END.search(text)
         text = text[: m.end()] if m else text
     return one_line(text)
 
 
 def candidate_pairs(context_id: int, context: str, samples: Sequence[str], mode: str) -> list[dict]:
-    """Every unordered pair of distinct-position samples; in rewrite mode also (context, sample)."""
+    """Every unordered pair of distinct-position samples; in rewrite and paraphrase mode also (context, sample)."""
     texts = list(samples)
     rows = []
-    if mode == "rewrite":
-        rows += [{"context_id": context_id, "a": one_line(context), "b": s, "source": "context-rewrite"} for s in texts]
+    if mode in ("rewrite", "paraphrase"):
+        source = "context-rewrite" if mode == "rewrite" else "context-student"
+        rows += [{"context_id": context_id, "a": one_line(context), "b": s, "source": source} for s in texts]
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
             rows.append({"context_id": context_id, "a": texts[i], "b": texts[j], "source": "sample-sample"})
@@ -140,10 +118,10 @@ def candidate_pairs(context_id: int, context: str, samples: Sequence[str], mode:
 
 
 def sample_continuations(model, tokenizer, contexts: Sequence[str], *, mode: str, samples_per_context: int,
-                         batch_size: int, max_new_tokens: int, temperature: float, top_p: Optional[float],
-                         seed: int, device) -> list[list[str]]:
+                         batch_size: int, max_new_tokens: int, decoding: dict, seed: int, device) -> list[list[str]]:
     """`samples_per_context` cleaned samples for each context, drawn with `model.generate` (rows of a
-    batch are prompts repeated `samples_per_context` times, since generate has no num_return_sequences)."""
+    batch are prompts repeated `samples_per_context` times, since generate has no num_return_sequences).
+    `decoding`: generate()'s sampling arguments (`training.config.GenerationConfig.kwargs()`)."""
     import torch
 
     from models.generation import left_pad, newline_counts
@@ -151,7 +129,7 @@ def sample_continuations(model, tokenizer, contexts: Sequence[str], *, mode: str
     eos = tokenizer.eos_token_id
     counts = newline_counts(tokenizer).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    prompts = [tokenizer(make_prompt(c, mode), add_special_tokens=False)["input_ids"] for c in contexts]
+    prompts = prompt_ids(tokenizer, contexts, mode)
     rows = [(ci, p) for ci, p in enumerate(prompts) for _ in range(samples_per_context)]
     out: list[list[str]] = [[] for _ in contexts]
     model.eval()
@@ -159,14 +137,39 @@ def sample_continuations(model, tokenizer, contexts: Sequence[str], *, mode: str
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             ids, mask = left_pad([p for _, p in chunk], eos)
-            seqs = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, do_sample=True,
-                                  temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=eos,
-                                  generator=gen, stop_newlines=1, newline_counts=counts)
+            seqs = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, **decoding,
+                                  eos_token_id=eos, pad_token_id=eos, generator=gen, stop_newlines=1,
+                                  newline_counts=counts)
             new = seqs[:, ids.size(1):].tolist()
             for (ci, _), tokens in zip(chunk, new):
                 tokens = [t for t in tokens if t != eos]
                 out[ci].append(clean_sample(tokenizer.decode(tokens), mode))
     return out
+
+
+def generate_candidates(model, tokenizer, contexts: Sequence[str], *, mode: str, samples_per_context: int,
+                        batch_size: int, max_new_tokens: int, decoding: dict, seed: int, device) -> tuple[list[dict], dict]:
+    """(candidate rows, statistics) of one generation stage: samples -> `candidate_pairs` per context."""
+    import time
+
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    if not decoding.get("do_sample"):
+        raise ValueError("decoding: over-generation needs a sampling decoding (sample, top-k, top-p, top-k-p); "
+                         "greedy and beam search repeat one output")
+    t0 = time.perf_counter()
+    samples = sample_continuations(model, tokenizer, contexts, mode=mode, samples_per_context=samples_per_context,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, decoding=decoding,
+                                   seed=seed, device=device)
+    seconds = time.perf_counter() - t0
+    rows = [r for ci, (c, s) in enumerate(zip(contexts, samples)) for r in candidate_pairs(ci, c, s, mode)]
+    n_samples = sum(len(s) for s in samples)
+    flat = [x for s in samples for x in s]
+    stats = {"stage": "generate", "contexts": len(contexts), "samples": n_samples,
+             "empty_samples": sum(1 for x in flat if not x), "candidates": len(rows), "mode": mode,
+             "distinct_2_samples": distinct_n(flat, 2), "decoding": dict(decoding),
+             "seconds": round(seconds, 2), "samples_per_s": round(n_samples / max(seconds, 1e-9), 2)}
+    return rows, stats
 
 
 # ---- filter -----------------------------------------------------------------------------------
@@ -176,8 +179,11 @@ class FilterRules:
     min_length_ratio: float = 0.5
     max_overlap: float = 0.7
     tau: Optional[float] = None  # critic threshold; None = no critic
+    overlap_metric: str = "rougeL"  # near_copy's similarity: rougeL, bleu or chrf
 
     def check(self) -> None:
+        if self.overlap_metric not in METRICS:
+            raise ValueError(f"--overlap_metric must be one of {', '.join(METRICS)}, got {self.overlap_metric!r}")
         if self.min_words < 1:
             raise ValueError(f"--min_words must be >= 1, got {self.min_words}")
         if not 0.0 <= self.min_length_ratio <= 1.0:
@@ -203,7 +209,7 @@ def rule_violated(a: str, b: str, rules: FilterRules, seen: set) -> Optional[str
         return "duplicate"
     if min(len(wa), len(wb)) / max(len(wa), len(wb)) < rules.min_length_ratio:
         return "length_ratio"
-    if jaccard(a, b) > rules.max_overlap:
+    if similarity(a, b, rules.overlap_metric) > rules.max_overlap:
         return "near_copy"
     return None
 
@@ -238,11 +244,32 @@ def filter_pairs(rows: Sequence[dict], rules: FilterRules,
             else:
                 removed["critic"] += 1
         score_summary = {"mean": sum(scores) / len(scores), "min": min(scores), "max": max(scores)}
+    kept_scores = [r["score"] for r in kept if "score" in r]
+    sims = [similarity(r["a"], r["b"], rules.overlap_metric) for r in kept]
     stats = {"stage": "filter", "input": len(rows), "kept": len(kept), "removed": removed,
              "rules": {"min_words": rules.min_words, "min_length_ratio": rules.min_length_ratio,
-                       "max_overlap": rules.max_overlap, "tau": rules.tau, "critic": critic is not None},
-             "critic_scores_of_rule_survivors": score_summary}
+                       "max_overlap": rules.max_overlap, "overlap_metric": rules.overlap_metric, "tau": rules.tau,
+                       "critic": critic is not None},
+             "critic_scores_of_rule_survivors": score_summary,
+             "critic_score_mean_kept": sum(kept_scores) / len(kept_scores) if kept_scores else None,
+             "lexical_similarity_mean_kept": sum(sims) / len(sims) if sims else None,
+             "distinct_2_kept": distinct_n([r["b"] for r in kept], 2)}
     return kept, stats
+
+
+def merge_filtered(row_lists: Sequence[Sequence[dict]]) -> tuple[list[dict], int]:
+    """The rows of several filtered files (e.g. every round's), each unordered normalised pair once
+    (first occurrence wins); returns (rows, duplicates dropped)."""
+    seen: set = set()
+    out = []
+    for rows in row_lists:
+        for r in rows:
+            na, nb = normalise(r["a"]), normalise(r["b"])
+            key = (min(na, nb), max(na, nb))
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out, sum(len(rows) for rows in row_lists) - len(out)
 
 
 # ---- build ------------------------------------------------------------------------------------
@@ -295,7 +322,7 @@ def write_quora_csv(path: str | Path, pairs: Sequence[tuple[str, str, int]], id_
     w.writerow(["", "id", "sentence1", "sentence2", "is_duplicate"])
     for i, (a, b, label) in enumerate(pairs):
         w.writerow([i, f"{id_prefix}-{i}", one_line(a), one_line(b), f"{float(label):.1f}"])
-    return _atomic_text(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue())
 
 
 def build_dataset(rows: Sequence[dict], negatives_per_positive: int, seed: int,

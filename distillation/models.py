@@ -4,10 +4,11 @@ and `Distiller`, the combined loss plugged into the shared trainer's `TrainTask.
 The trainer optimises the parameters of the module it is given: here a `StudentWithAligner` (the
 student GPT-2 plus the width projections).  The teacher and the Wasserstein critics are kept OUT of
 that module tree: the teacher is frozen (eval mode, requires_grad False, forward under no_grad),
-and the critics have their own optimizer (our AdamW) that `Distiller.loss` steps `n_critic` times
-per training micro-batch before computing the student's loss (the trainer's only extension point
-is the task's loss function).  `Distiller.state_dict()` holds the critics and their optimizer so a
-script can save them next to the trainer's checkpoint.
+and the critics have their own optimizer (our AdamW).  `Distiller` is a trainer `Callback`
+(training/task.py): its loss stashes the detached hidden-state samples of the micro-batch, and
+`on_micro_batch_end` (after the student's backward) updates the critics `n_critic` times on them,
+the alternation of WGAN training; `state_dict()` holds the critics, their optimizer and random
+generator, which the trainer saves inside the run's last.pt, so `--resume` continues them exactly.
 """
 from __future__ import annotations
 
@@ -17,14 +18,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from training.efficient import as_frozen
+from training.task import Callback
 from distillation.losses import HiddenStateAligner, LayerwiseWasserstein, hidden_mse_loss, kd_kl_loss, masked_tokens
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode (no dropout) and no gradients, for a teacher or a reference model."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 @contextlib.contextmanager
@@ -82,6 +78,27 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: Se
         s.gpt_layers[i].load_state_dict(t.gpt_layers[j].state_dict())
 
 
+def student_config(teacher_config, layers: Optional[int] = None, hidden: Optional[int] = None,
+                   heads: Optional[int] = None, init_every_k: Optional[int] = None):
+    """The architecture of a student made from the teacher's: `layers` (default: one per copied
+    teacher layer with `init_every_k`, else half the teacher's), `hidden` width and `heads`
+    (default: the teacher's); a ConfigError names the field that does not fit."""
+    from common.errors import ConfigError
+    from config import GPT2Config
+
+    cfg = teacher_config
+    hidden = hidden or cfg.hidden_size
+    if layers is None:
+        layers = len(every_kth_layers(cfg.num_hidden_layers, init_every_k)) if init_every_k \
+            else max(1, cfg.num_hidden_layers // 2)
+    overrides = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads or cfg.num_attention_heads,
+                     intermediate_size=4 * hidden if hidden != cfg.hidden_size else cfg.intermediate_size)
+    try:
+        return GPT2Config(**{**cfg.to_dict(), **overrides, "name": "student"})
+    except ValueError as exc:
+        raise ConfigError("student_hidden" if "hidden_size" in str(exc) else "student_layers", str(exc)) from None
+
+
 class StudentWithAligner(nn.Module):
     """What the trainer optimises: the student and the projections of its hidden states.
     `forward` is the student's (logits), so evaluation code can treat it as the student."""
@@ -95,7 +112,7 @@ class StudentWithAligner(nn.Module):
         return self.student(*args, **kwargs)
 
 
-class Distiller:
+class Distiller(Callback):
     """The weighted distillation loss of one batch:
 
         hard_weight * task loss + kl_weight * KL_T + mse_weight * MSE + wd_weight * W1
@@ -116,7 +133,7 @@ class Distiller:
             raise ValueError("--kl_weight/--mse_weight/--wd_weight need a teacher (--teacher)")
         if n_critic < 1:
             raise ValueError(f"--n_critic must be >= 1, got {n_critic}")
-        self.teacher = freeze(teacher) if teacher is not None else None
+        self.teacher = as_frozen(teacher) if teacher is not None else None
         self.kl_weight, self.mse_weight, self.wd_weight, self.hard_weight = kl_weight, mse_weight, wd_weight, hard_weight
         self.temperature, self.n_critic = temperature, n_critic
         self.layer_map = list(layer_map) if layer_map is not None else None
@@ -124,7 +141,7 @@ class Distiller:
         self.critic_opt = None
         self._critic_cfg = dict(hidden=critic_hidden, gp_weight=gp_weight, lr=critic_lr)
         self.generator = torch.Generator().manual_seed(seed)  # critic init and GP interpolation (CPU draws)
-        self.last: dict[str, float] = {}
+        self._stash: Optional[tuple[list, list]] = None  # (real, fake) token samples for the critic update
 
     @property
     def uses_hiddens(self) -> bool:
@@ -153,8 +170,8 @@ class Distiller:
         self.critic_opt = AdamW(self.critics.parameters(), lr=self._critic_cfg["lr"], betas=(0.0, 0.9))
 
     def loss(self, model: StudentWithAligner, batch: dict, logits_fn, task_loss_fn=None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss (differentiable w.r.t. the student and projections only) and its parts."""
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss (differentiable w.r.t. the student and projections only) and its parts (detached)."""
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         student = model.student
         if self.uses_hiddens:
@@ -182,45 +199,57 @@ class Distiller:
                 if self.wd_weight:
                     fake_tok = [masked_tokens(f, mask) for f in fake]  # each (N, D_t)
                     real_tok = [masked_tokens(r, mask) for r in real]
-                    self.critic_step(real_tok, fake_tok)
+                    self._ensure_critics(real_tok[0].size(-1), real_tok[0].device)
                     parts["wd"] = self.critics.estimate(real_tok, fake_tok)
+                    if model.training:  # the critics learn from this micro-batch after its backward
+                        self._stash = ([r.detach() for r in real_tok], [f.detach() for f in fake_tok])
         weights = {"hard": self.hard_weight, "kl": self.kl_weight, "mse": self.mse_weight, "wd": self.wd_weight}
         if not parts:
             raise ValueError("every loss weight is 0: nothing to train")
         total = sum(weights[k] * v for k, v in parts.items())
-        self.last = {k: float(v.detach()) for k, v in parts.items()}
-        return total, self.last
+        return total, {k: v.detach() for k, v in parts.items()}
 
-    def critic_step(self, real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> float:
-        """`n_critic` updates of the critics on detached token samples; returns the last critic loss."""
+    def on_micro_batch_end(self, trainer, batch: dict) -> None:
+        if self._stash is not None:
+            real, fake = self._stash
+            self._stash = None
+            self.critic_step(real, fake)
+
+    def critic_step(self, real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`n_critic` updates of the critics on detached token samples; returns the last critic loss
+        (a device tensor: no host sync)."""
         self._ensure_critics(real[0].size(-1), real[0].device)
         self.critics.train()
-        value = 0.0
+        value = torch.zeros(())
         device_type = real[0].device.type
-        with torch.autocast(device_type=device_type, enabled=False):  # the penalty's double backward in fp32
+        with torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False):  # GP's double backward in fp32
             for _ in range(self.n_critic):
                 loss = self.critics.critic_loss(real, fake, self.generator if device_type == "cpu" else None)
                 self.critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.critic_opt.step()
-                value = float(loss.detach())
+                value = loss.detach()
         self.critic_opt.zero_grad(set_to_none=True)
-        self.last_critic_loss = value
         return value
 
-    # ---- saving the critics next to the trainer's checkpoint --------------------------------
+    # ---- the critics' state, saved inside the trainer's checkpoint ---------------------------
     def state_dict(self) -> dict:
         if self.critics is None:
             return {}
         return {"critics": self.critics.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                 "generator": self.generator.get_state(), "layer_map": self.layer_map}
 
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if not state:
             return
         self.layer_map = state["layer_map"]
-        dim = state["critics"]["critics.0.net.0.weight"].shape[1]
-        self._ensure_critics(dim, device)
+        weight = state["critics"]["critics.0.net.0.weight"]
+        self._ensure_critics(weight.shape[1], self.device)
         self.critics.load_state_dict(state["critics"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.generator.set_state(state["generator"])
+
+    @property
+    def device(self) -> torch.device:
+        ref = self.teacher if self.teacher is not None else None
+        return next(ref.parameters()).device if ref is not None else torch.device("cpu")

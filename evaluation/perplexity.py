@@ -14,6 +14,7 @@ the stride.  For a text of at most `window + 1` tokens this is exactly the full-
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +90,19 @@ def perplexity(total_nll: float, num_tokens: int) -> float:
     """exp(total_nll / num_tokens); inf when the mean overflows."""
     mean = total_nll / num_tokens
     return math.exp(mean) if mean < 700 else float("inf")
+
+
+def score_windows(model, token_ids: torch.Tensor, window: Optional[int] = None, stride: Optional[int] = None,
+                  batch_size: int = 8) -> tuple[float, int]:
+    """`sliding_window_nll` with the defaults the scripts use: window = the model's context, stride =
+    window // 2; a window beyond the context or a stride beyond the window is a ConfigError naming it."""
+    from common.errors import ConfigError
+
+    context = model.config.max_position_embeddings
+    window = window or context
+    if window > context:
+        raise ConfigError("window", f"{window} exceeds the model's {context} positions")
+    stride = stride or max(1, window // 2)
+    if stride > window:
+        raise ConfigError("stride", f"{stride} must not exceed the window {window}")
+    return sliding_window_nll(model, token_ids, window=window, stride=stride, batch_size=batch_size)

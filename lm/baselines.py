@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from evaluation.perplexity import perplexity, sliding_window_nll
 from lm.batching import batchify, bptt_segments, transformer_blocks
-from lm.models import count_parameters
+from common.params import count_parameters
 from lm.sampling import sample
 from optimizer import AdamW
 
@@ -126,7 +126,7 @@ def train_baseline(model, name: str, streams: dict[str, torch.Tensor], settings:
     (loaded back into `model` at the end)."""
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    run = BaselineRun(name=name, parameters=count_parameters(model))
+    run = BaselineRun(name=name, parameters=count_parameters(model)[1])
     optimizer = AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     start = time.time()
     deadline = start + 60 * settings.max_minutes if settings.max_minutes else None

@@ -1,6 +1,7 @@
 """Corpora for language modelling: finding data files, reading documents, packing token blocks.
 
-Documents come from plain text files (one file = one document), the Poetry Foundation CSV
+Every file is read as UTF-8 (`common.io.read_text`: a byte-order mark dropped, invalid bytes a
+`DataError` naming the line).  Documents come from plain text files (one file = one document), the Poetry Foundation CSV
 (its `Poem` column, one poem = one document) or a `sonnets.txt`-style file (one sonnet = one
 document, parsed by `evaluation.sonnets`).  For continued pretraining the documents are
 tokenised, joined with `<|endoftext|>` (each document is followed by one) and cut into
@@ -9,13 +10,17 @@ fixed-length blocks, as in GPT-2's own training (Radford et al., 2019).
 from __future__ import annotations
 
 import csv
+import io
 import random
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from common.errors import ConfigError, DataError
+from common.io import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -66,15 +71,18 @@ def read_poetry_csv(path: str | Path, column: str = "Poem") -> list[str]:
     cells hold embedded newlines)."""
     path = Path(path)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); "
-                             f"is this the Poetry Foundation CSV?")
+    reader = csv.DictReader(io.StringIO(read_text(path, "Poetry Foundation CSV", universal_newlines=False),
+                                        newline=""))
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        raise DataError(f"{path}: no {column!r} column (columns: {reader.fieldnames}); "
+                        f"is this the Poetry Foundation CSV?")
+    try:
         poems = [clean_poem(row[column] or "") for row in reader]
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {reader.line_num}: {exc}") from None
     poems = [p for p in poems if p.strip()]
     if not poems:
-        raise ValueError(f"{path}: every {column!r} cell is blank")
+        raise DataError(f"{path}: every {column!r} cell is blank")
     return poems
 
 
@@ -91,19 +99,19 @@ def read_documents(path: str | Path, fmt: str = "auto") -> list[str]:
     `*.csv` -> poetry_csv, `sonnets*` -> sonnets, anything else -> one plain-text document)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such corpus file")
+        raise DataError(f"{path}: no such corpus file")
     if fmt not in FORMATS:
         raise ValueError(f"unknown corpus format {fmt!r}; choose one of {FORMATS}")
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "poetry_csv":
         return read_poetry_csv(path)
     if fmt == "sonnets":
-        from evaluation.sonnets import read_sonnets
+        from tasks.sonnets import read_sonnets
 
         return read_sonnets(path)
-    text = normalize_newlines(path.read_text(encoding="utf-8"))
+    text = normalize_newlines(read_text(path, "corpus file"))
     if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
+        raise DataError(f"{path}: the file is empty")
     return [text]
 
 
@@ -116,17 +124,18 @@ def join_documents(token_lists: Sequence[Sequence[int]], eos_id: int) -> list[in
     return stream
 
 
-def pack_blocks(stream: Sequence[int], block_size: int) -> tuple[torch.Tensor, list[int]]:
-    """Cut a token stream into consecutive, non-overlapping blocks of `block_size` tokens:
-    returns (blocks (num_blocks, block_size), tail).  Every token lands in exactly one block,
-    in order, except the final `len(stream) % block_size` tokens (the tail, fewer than one
-    block), which are returned separately and not trained on."""
+def pack_blocks(stream: Sequence[int], block_size: int, allow_empty: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """The one sequence packer: cut a token stream into consecutive, non-overlapping blocks of
+    `block_size` tokens: returns (blocks (num_blocks, block_size), tail).  Every token lands in
+    exactly one block, in order, except the final `len(stream) % block_size` tokens (the tail,
+    fewer than one block), returned separately: callers train on it or drop it.  A stream shorter
+    than one block is an error unless `allow_empty` (then: no blocks, all of it the tail)."""
     if block_size < 2:
-        raise ValueError(f"block_size must be >= 2 (a block predicts its tokens 1..T-1), got {block_size}")
+        raise ConfigError("block_size", f"must be >= 2 (a block predicts its tokens 1..T-1), got {block_size}")
     num_blocks = len(stream) // block_size
-    if num_blocks == 0:
-        raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one block of {block_size}; "
-                         f"lower --block_size or add text")
+    if num_blocks == 0 and not allow_empty:
+        raise ConfigError("block_size", f"the corpus has {len(stream)} tokens, fewer than one block of {block_size}; "
+                          f"use shorter blocks or add text")
     body = torch.tensor(list(stream[:num_blocks * block_size]), dtype=torch.long)
     return body.view(num_blocks, block_size), list(stream[num_blocks * block_size:])
 
@@ -136,7 +145,7 @@ def split_documents(docs: Sequence[str], valid_fraction: float, seed: int = 0) -
     round(valid_fraction * n) of them (at least one) to valid, so no document is split; a
     single document is split by characters at a line break near the cut instead."""
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+        raise ConfigError("valid_fraction", f"must be in (0, 1), got {valid_fraction}")
     docs = list(docs)
     if len(docs) >= 2:
         order = list(range(len(docs)))
@@ -151,5 +160,23 @@ def split_documents(docs: Sequence[str], valid_fraction: float, seed: int = 0) -
     cut = newline + 1 if newline > 0 else cut
     train, valid = text[:cut], text[cut:]
     if not train.strip() or not valid.strip():
-        raise ValueError("the corpus is too small to split into train and valid; add text or pass --valid_file")
+        raise ConfigError("valid_fraction", "the corpus is too small to split into train and valid; add text or "
+                          "give a separate validation file")
     return [train], [valid]
+
+
+def tokenize_corpus_file(path: str | Path, tokenizer, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """One corpus file (`read_documents`) as a token stream, every document followed by EOS, the
+    format `pretrain.py` trains on; with `max_tokens`, only the first tokens (only a generous prefix
+    of the characters is tokenised)."""
+    docs = read_documents(path)
+    if max_tokens is not None:
+        kept, budget = [], max_tokens * 8
+        for doc in docs:
+            kept.append(doc[:budget])
+            budget -= len(kept[-1])
+            if budget <= 0:
+                break
+        docs = kept
+    stream = join_documents([tokenizer.encode(d, verbose=False) for d in docs], tokenizer.eos_token_id)
+    return torch.tensor(stream[:max_tokens] if max_tokens else stream, dtype=torch.long)

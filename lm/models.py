@@ -187,7 +187,3 @@ def build_baseline(kind: str, vocab_size: int, **kwargs) -> nn.Module:
     if kind not in classes:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {sorted(classes)}")
     return classes[kind](vocab_size, **kwargs)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

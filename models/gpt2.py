@@ -18,7 +18,7 @@ from torch import nn
 
 from config import GPT2Config
 from modules.attention import KVCache, build_attention_mask
-from modules.attention_patterns import layer_patterns, use_flex
+from modules.attention_patterns import choose_path, layer_patterns
 from modules.gpt2_layer import GPT2Layer
 
 
@@ -62,15 +62,23 @@ class GPT2PreTrainedModel(nn.Module):
 
     # ---- loading and saving ---------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: str = "gpt2", tokenizer_dir: Optional[str] = None, **config_overrides):
-        """Load a Hugging Face GPT-2 checkpoint: a hub name (`gpt2`, `gpt2-medium`, ...) or a
-        local directory with `config.json` and `model.safetensors` or `pytorch_model.bin`.
+    def from_pretrained(cls, model: str = "gpt2", d: Optional[int] = None, l: Optional[int] = None,
+                        num_heads: Optional[int] = None, **config_overrides):
+        """Load a Hugging Face GPT-2 checkpoint: a hub name (`gpt2`, `gpt2-medium`, ...; found in the
+        Hugging Face cache under either of its names, offline too) or a local directory with
+        `config.json` and `model.safetensors` or `pytorch_model.bin`.
 
-        `config_overrides` (e.g. dropout probabilities) replace values read from `config.json`.
+        Returns the model in eval mode, as transformers' and the CS224N starter's `from_pretrained`
+        do (no dropout until `.train()`).  `d`, `l`, `num_heads` are the starter's names for
+        hidden_size, num_hidden_layers and num_attention_heads: a pretrained model's shape comes from
+        its `config.json`, so they are only checked against it (a mismatch is a ValueError naming
+        both).  `config_overrides` (e.g. dropout probabilities) replace values read from `config.json`.
         """
         from models.hf_io import load_hf_checkpoint
 
-        return load_hf_checkpoint(cls, model, **config_overrides)
+        shape = {"hidden_size": d, "num_hidden_layers": l, "num_attention_heads": num_heads}
+        return load_hf_checkpoint(cls, model, expected={k: v for k, v in shape.items() if v is not None},
+                                  **config_overrides).eval()
 
     @classmethod
     def from_name_or_path(cls, spec: str, random_init: bool = False, **config_overrides):
@@ -93,11 +101,15 @@ class GPT2PreTrainedModel(nn.Module):
             return cls(config)
         return cls.from_pretrained(spec, **config_overrides)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` that transformers' GPT2LMHeadModel loads."""
-        from models.hf_io import save_hf_checkpoint
+    def save_pretrained(self, directory: str | Path, tokenizer=None, generation: Optional[dict] = None) -> Path:
+        """Write a complete Hugging Face directory (config.json, model.safetensors, generation_config.json,
+        vocab.json, merges.txt, tokenizer_config.json) that transformers' AutoModelForCausalLM,
+        AutoTokenizer and pipeline load.  `tokenizer`: the run's tokenizer or its directory (default:
+        the usual resolution, see models/tokenizer.py); `generation`: decoding defaults for
+        generation_config.json (transformers' names).  See `models.hf_export.save_hf_checkpoint`."""
+        from models.hf_export import save_hf_checkpoint
 
-        return save_hf_checkpoint(self.backbone, directory)
+        return save_hf_checkpoint(self.backbone, directory, tokenizer, generation)
 
     # ---- inference: KV cache, fused q/k/v ----------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
@@ -150,7 +162,11 @@ class GPT2Model(GPT2PreTrainedModel):
         self.layer_patterns = layer_patterns(config)  # "dense" or the sparse pattern, per layer
         self.init_weights()
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token + position embeddings (B, T) -> (B, T, D); positions default to 0..T-1 (the starter's
+        `embed(input_ids)`)."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.size(1), device=input_ids.device)[None]  # (1, T)
         return self.embed_dropout(self.word_embedding(input_ids) + self.pos_embedding(position_ids))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -161,22 +177,36 @@ class GPT2Model(GPT2PreTrainedModel):
         slots visible to the queries.  `position_ids` default to the slot index; generation with
         left padding passes positions derived from the mask.  `cache_start` (an int) writes to
         and reads from the KV cache set up by `setup_kv_cache`.
+
+        The CS224N starter's `encode(hidden_states, attention_mask)` is the same method given floating
+        point input: the (B, T, D) output of `embed` goes through the transformer layers only, with
+        the same causal + padding masks, and the final LayerNorm is left to the caller (the
+        starter's `forward` applies `final_layer_norm` itself).
         """
-        B, T = input_ids.shape
+        starter = input_ids.is_floating_point()  # the starter's encode(hidden_states, attention_mask)
+        if starter and (position_ids is not None or cache_start is not None):
+            raise ValueError("encode(hidden_states, attention_mask): position_ids and cache_start go with token ids")
+        B, T = input_ids.shape[:2]
         start = 0 if cache_start is None else cache_start
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
         if start + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's "
                              f"{self.config.max_position_embeddings} positions; truncate the input")
-        # One mask per distinct pattern (sparse layers: a BlockMask on the FlexAttention path).
+        # One mask per distinct pattern, of the type of its path (modules.attention_patterns.choose_path):
+        # a boolean SDPA mask, a FlexAttention BlockMask or the sparse path's SparseLayout.
         cfg = self.config
-        flex = use_flex(cfg.attention_backend, input_ids.device,
-                        dropout_active=self.training and cfg.attention_probs_dropout_prob > 0,
-                        cached=cache_start is not None) if cfg.attention != "dense" else False
-        masks = {p: build_attention_mask(attention_mask, T, start, input_ids.device, pattern=p,
-                                         window=cfg.attention_window, block_sparse=flex and p != "dense")
-                 for p in set(self.layer_patterns)}
+        masks = {}
+        for p in set(self.layer_patterns):
+            path = choose_path(cfg.attention_backend, p, input_ids.device, T, start + T, cfg.attention_window,
+                               cfg.attention_global_tokens,
+                               dropout_active=self.training and cfg.attention_probs_dropout_prob > 0,
+                               cached=cache_start is not None)
+            masks[p] = build_attention_mask(attention_mask, T, start, input_ids.device, pattern=p,
+                                            window=cfg.attention_window, path=path,
+                                            global_tokens=cfg.attention_global_tokens)
+        if starter:
+            return self.run_layers(input_ids, masks, cache_start)
         return self.encode_with_masks(input_ids, position_ids, masks, cache_start)
 
     def encode_with_masks(self, input_ids: torch.Tensor, position_ids: torch.Tensor, masks: dict,
@@ -186,10 +216,14 @@ class GPT2Model(GPT2PreTrainedModel):
         models/generation/decoder.py).  `cache_start`: None, an int or a LongTensor of slots
         (`KVCache.update`).  Token ids (B, T) -> final hidden states (B, T, D)."""
         h = self.embed(input_ids, position_ids)  # (B, T, D)
+        return self.final_layer_norm(self.run_layers(h, masks, cache_start))
+
+    def run_layers(self, h: torch.Tensor, masks: dict, cache_start=None) -> torch.Tensor:
+        """Hidden states (B, T, D) through every transformer layer (no final LayerNorm)."""
         for layer, pattern in zip(self.gpt_layers, self.layer_patterns):
             mask, is_causal = masks[pattern]
             h = self.run_layer(layer, h, mask, is_causal, cache_start)
-        return self.final_layer_norm(h)
+        return h
 
     def run_layer(self, layer: GPT2Layer, h: torch.Tensor, *layer_args) -> torch.Tensor:
         """One transformer layer; under `gradient_checkpointing` in training its activations are

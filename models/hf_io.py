@@ -1,19 +1,23 @@
 """Reading and writing GPT-2 checkpoints in Hugging Face's format.
 
-One explicit name map (`NAME_MAP`) relates every Hugging Face tensor to ours.  HF's GPT-2
+One explicit name map (`name_map(n_layer)`: `TOP_NAME_MAP` plus `LAYER_NAME_MAP` for every layer)
+relates every Hugging Face tensor to ours.  HF's GPT-2
 stores its projections as `Conv1D` with weights laid out (in, out); ours are `nn.Linear`
 (out, in), so those are transposed, and HF's fused `c_attn` is split into our separate
 query/key/value projections.  Every key and every shape is checked; nothing is loaded by
 assigning `.data`, and no pickled code is ever executed (safetensors first, `.bin` only
-through `torch.load(weights_only=True)`).
+through `torch.load(weights_only=True)`; both the zip and the older non-zip `.bin` layout).
+Every floating-point tensor is checked for NaN and infinity as it is read: a file with
+overwritten bytes is a `WeightsFileError` naming the file and the tensor, never a model that
+trains on NaNs.  Hub names are looked up in the Hugging Face cache under both of their spellings
+(`gpt2` and `openai-community/gpt2`).  Writing a complete export (weights, config, tokenizer,
+generation config): `models/hf_export.py`.
 """
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -48,9 +52,15 @@ TOP_NAME_MAP: dict[str, tuple[tuple[str, ...], str]] = {
 # Non-parameter tensors some older checkpoints carry (the causal-mask buffers); we build masks ourselves.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
+# The four OpenAI sizes live on the hub under two names: the short legacy id (what the CS224N
+# starter and transformers users ask for, cached as models--gpt2) and the organisation's id (cached
+# as models--openai-community--gpt2).  Either name finds a cache filled under either one.
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
-
+CHECKPOINT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                       "pytorch_model.bin.index.json", "vocab.json", "merges.txt"]
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 def name_map(num_layers: int) -> dict[str, tuple[tuple[str, ...], str]]:
     """Every HF backbone key (without the `transformer.` prefix) -> our GPT2Model keys."""
@@ -96,14 +106,14 @@ def resolve_checkpoint_dir(name_or_dir: str, allow_network: bool = True) -> Path
         raise NotADirectoryError(f"{name_or_dir}: expected a checkpoint directory (config.json + weights), got a file")
     if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1:
         raise FileNotFoundError(f"checkpoint directory {name_or_dir} does not exist")
-    repo = HUB_ALIASES.get(name_or_dir, name_or_dir)
     try:
-        return hub_snapshot(repo, allow_network=allow_network, patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                   "pytorch_model*.bin", "pytorch_model.bin.index.json", "vocab.json", "merges.txt"])
+        return hub_snapshot(name_or_dir, CHECKPOINT_PATTERNS, allow_network=allow_network, has=_has_checkpoint)
     except Exception as exc:  # network down, repo missing, ...
+        repo = HUB_ALIASES.get(name_or_dir, name_or_dir)
         raise OSError(
-            f"could not load GPT-2 checkpoint {name_or_dir!r}: it is not a local directory and the "
-            f"Hugging Face hub could not provide it ({type(exc).__name__}: {exc}).\n"
+            f"could not load GPT-2 checkpoint {name_or_dir!r}: it is not a local directory and neither the "
+            f"Hugging Face cache (under {' or '.join(hub_names(name_or_dir))}) nor the hub could provide it "
+            f"({type(exc).__name__}: {exc}).\n"
             f"Work offline by pointing at a local directory that holds config.json and "
             f"model.safetensors (or pytorch_model.bin), e.g. one made on a connected machine with "
             f"`huggingface-cli download {repo} --local-dir DIR`, then pass DIR instead of the name "
@@ -111,20 +121,86 @@ def resolve_checkpoint_dir(name_or_dir: str, allow_network: bool = True) -> Path
         ) from exc
 
 
-def hub_snapshot(repo: str, patterns: list[str], allow_network: bool = True) -> Path:
-    """Files of a hub repository through the Hugging Face cache (the cache first, then the network)."""
-    from huggingface_hub import snapshot_download
+def _has_checkpoint(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and any((directory / f).is_file() for f in WEIGHT_FILES)
 
-    try:  # offline machines that have the files cached never touch the network
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        if not allow_network:
-            raise
-        return Path(snapshot_download(repo, allow_patterns=patterns))
+
+def hub_names(name: str) -> list[str]:
+    """Every hub id of the same repository: `gpt2` <-> `openai-community/gpt2` (and the other
+    sizes), the given spelling first; any other name is only itself."""
+    for short, full in HUB_ALIASES.items():
+        if name in (short, full):
+            return [name, full if name == short else short]
+    return [name]
+
+
+def hub_snapshot(name: str, patterns: list[str], allow_network: bool = True,
+                 has: Callable[[Path], bool] = lambda d: True) -> Path:
+    """Files of a hub repository through the Hugging Face cache: the cache first, under every name
+    of the repository (`hub_names`), then the network unless `allow_network` is False or
+    HF_HUB_OFFLINE is set.  `has(directory)` says whether a cached snapshot holds what is needed (a
+    cache may hold only a tokenizer, or only a config)."""
+    from huggingface_hub import constants, snapshot_download
+
+    names, problems = hub_names(name), []
+    for repo in names:  # offline machines that have the files cached never touch the network
+        try:
+            directory = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+        except Exception as exc:
+            problems.append(f"{repo}: {type(exc).__name__}")
+            continue
+        if has(directory):
+            return directory
+        problems.append(f"{repo}: the cached snapshot {directory} lacks the files needed")
+    if not allow_network or constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"not in the Hugging Face cache ({'; '.join(problems)})"
+                                + ("; HF_HUB_OFFLINE is set, so the hub was not asked" if allow_network else ""))
+    directory = Path(snapshot_download(names[0], allow_patterns=patterns))
+    if not has(directory):
+        raise FileNotFoundError(f"the hub's {names[0]} holds none of the files needed ({patterns})")
+    return directory
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read, holds non-finite values or does not fit the model; the
+    message names the file (and the tensor) and what to do."""
+
+
+def _checked(get: Callable[[], torch.Tensor], key: str, file: Path) -> Callable[[], torch.Tensor]:
+    """`get`, reading tensor `key` of `file`, with read errors and NaN/inf reported by name."""
+    def load() -> torch.Tensor:
+        try:
+            tensor = get()
+        except Exception as exc:  # noqa: BLE001  (safetensors and torch raise their own types)
+            raise WeightsFileError(f"{file}: tensor {key} cannot be read ({type(exc).__name__}: {exc}); the file is "
+                                   f"truncated or corrupted: download or export it again") from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsFileError(f"{file}: tensor {key} holds NaN or infinite values; the file is corrupted "
+                                   f"(download or export it again) or comes from a diverged run")
+        return tensor
+    return load
+
+
+def _load_bin(file: Path) -> dict:
+    """A `pytorch_model.bin` state dict, memory-mapped when it is in torch's zip layout (the older
+    non-zip layout cannot be mapped and is read whole)."""
+    import zipfile
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as exc:  # noqa: BLE001
+        refused = "weights_only" in str(exc) or "Weights only" in str(exc)
+        what = "holds pickled objects other than tensors (refused: loading would run code)" if refused else \
+            "cannot be read (truncated or corrupted; download or export it again)"
+        raise WeightsFileError(f"{file}: {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise WeightsFileError(f"{file}: expected a state dict of tensors, found {type(state).__name__}")
+    return state
 
 
 def _tensor_sources(directory: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(key, loader) for every tensor in the checkpoint; tensors are read lazily, one at a time."""
+    """(key, loader) for every tensor in the checkpoint; tensors are read lazily, one at a time, and
+    each loader raises WeightsFileError (naming file and tensor) for unreadable or non-finite data."""
     st_index, st_single = directory / "model.safetensors.index.json", directory / "model.safetensors"
     bin_index, bin_single = directory / "pytorch_model.bin.index.json", directory / "pytorch_model.bin"
     if st_single.exists() or st_index.exists():
@@ -133,17 +209,21 @@ def _tensor_sources(directory: Path) -> Iterator[tuple[str, Callable[[], torch.T
         files = ([st_single] if st_single.exists() else
                  sorted({directory / f for f in json.loads(st_index.read_text())["weight_map"].values()}))
         for f in files:
-            with safe_open(str(f), framework="pt") as handle:
+            try:
+                handle_cm = safe_open(str(f), framework="pt")
+            except Exception as exc:  # noqa: BLE001  (SafetensorError, OSError)
+                raise WeightsFileError(f"{f}: not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
+                                       f"truncated or corrupted: download or export it again") from None
+            with handle_cm as handle:
                 for key in handle.keys():
-                    yield key, (lambda h=handle, k=key: h.get_tensor(k))
+                    yield key, _checked(lambda h=handle, k=key: h.get_tensor(k), key, f)
         return
     if bin_single.exists() or bin_index.exists():
         files = ([bin_single] if bin_single.exists() else
                  sorted({directory / f for f in json.loads(bin_index.read_text())["weight_map"].values()}))
         for f in files:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in state.items():
-                yield key, (lambda t=tensor: t)
+            for key, tensor in _load_bin(f).items():
+                yield key, _checked(lambda t=tensor: t, key, f)
         return
     raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded index) found")
 
@@ -200,18 +280,34 @@ def load_state_into(backbone: torch.nn.Module, directory: Path) -> None:
     if head_differs:
         problems.append("lm_head.weight differs from wte.weight, but GPT-2 ties them")
     if problems:
-        raise ValueError(f"checkpoint {directory} does not fit GPT-2 "
+        raise WeightsFileError(f"checkpoint {directory} does not fit GPT-2 "
                          f"({backbone.config.num_hidden_layers} layers, width {backbone.config.hidden_size}): "
                          + " | ".join(problems))
 
 
-def load_hf_checkpoint(cls, name_or_dir: str, **config_overrides):
+STARTER_SHAPE_NAMES = {"hidden_size": "d", "num_hidden_layers": "l", "num_attention_heads": "num_heads"}
+
+
+def load_hf_checkpoint(cls, name_or_dir: str, expected: Optional[dict] = None, **config_overrides):
+    """`cls` built from the checkpoint's config.json (+ `config_overrides`) with its weights.
+    `expected`: GPT2Config fields (the shape) the caller asserts; a mismatch is a ValueError."""
     directory = resolve_checkpoint_dir(name_or_dir)
     config = read_hf_config(directory)
+    wrong = {k: v for k, v in (expected or {}).items() if getattr(config, k) != v}
+    if wrong:
+        given = ", ".join(f"{STARTER_SHAPE_NAMES.get(k, k)}={v}" for k, v in wrong.items())
+        found = ", ".join(f"{STARTER_SHAPE_NAMES.get(k, k)}={getattr(config, k)}" for k in wrong)
+        raise ValueError(f"from_pretrained(model={name_or_dir!r}, {given}): the checkpoint {directory} has {found} "
+                         f"(its config.json); pass the sizes of that checkpoint, or leave d/l/num_heads out "
+                         f"(they are read from config.json)")
     for key, value in config_overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"unknown config field {key!r}")
         setattr(config, key, value)
+    if (directory / "quantization.json").is_file():  # written by quantize.py: packed integer weights
+        from models.quant.io import load_quantized
+
+        return load_quantized(cls, config, directory)
     model = cls(config)
     load_state_into(model.backbone, directory)
     return model
@@ -224,26 +320,3 @@ def hf_state_dict(backbone: torch.nn.Module, prefix: str = "transformer.") -> di
     for hf_key, (our_keys, kind) in name_map(backbone.config.num_hidden_layers).items():
         out[prefix + hf_key] = ours_to_hf([ours[k].detach() for k in our_keys], kind).contiguous().cpu()
     return out
-
-
-def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors atomically (into a temp dir, then renamed)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(backbone.config.to_hf_dict(), indent=2) + "\n")
-        save_file(hf_state_dict(backbone), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory

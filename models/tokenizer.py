@@ -2,11 +2,15 @@
 
 Resolution order: an explicit directory (`--tokenizer DIR`), then the environment variable
 `GPT2_TOKENIZER_DIR`, then the model's checkpoint directory, then the hub's `gpt2` (through the
-Hugging Face cache).  A directory qualifies when it holds `vocab.json` and `merges.txt`.
+Hugging Face cache, where transformers and the CS224N starter keep it as `models--gpt2`; the
+`models--openai-community--gpt2` spelling is found too, offline with HF_HUB_OFFLINE=1).  A directory
+qualifies when it holds `vocab.json` and `merges.txt`.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -23,7 +27,7 @@ def resolve_tokenizer_dir(explicit: Optional[str] = None, model_dir: Optional[st
     """The directory (or hub name) the tokenizer will be read from; see the module docstring."""
     if explicit:
         if not _has_tokenizer_files(Path(explicit)):
-            raise FileNotFoundError(f"--tokenizer {explicit}: expected vocab.json and merges.txt in that directory")
+            raise FileNotFoundError(f"tokenizer directory {explicit}: expected vocab.json and merges.txt in that directory")
         return str(explicit)
     env = os.environ.get(TOKENIZER_ENV)
     if env:
@@ -39,11 +43,11 @@ def resolve_tokenizer_dir(explicit: Optional[str] = None, model_dir: Optional[st
 def _load(source: str):
     from transformers import GPT2TokenizerFast
 
-    from models.hf_io import HUB_ALIASES, hub_snapshot
+    from models.hf_io import hub_snapshot
 
-    try:
-        directory = source if Path(source).is_dir() else hub_snapshot(HUB_ALIASES.get(source, source),
-                                                                      list(TOKENIZER_FILES))
+    try:  # a hub name: the cache under either of its names (models--gpt2 or models--openai-community--gpt2)
+        directory = source if Path(source).is_dir() else hub_snapshot(
+            source, [*TOKENIZER_FILES, "tokenizer_config.json"], has=_has_tokenizer_files)
         tok = GPT2TokenizerFast.from_pretrained(str(directory))
     except Exception as exc:
         raise OSError(
@@ -59,3 +63,24 @@ def load_tokenizer(explicit: Optional[str] = None, model_dir: Optional[str] = No
     """The GPT-2 tokenizer (a `transformers.GPT2TokenizerFast`, shared and cached: do not mutate
     it; pass `padding_side=` per call instead), with pad = EOS."""
     return _load(resolve_tokenizer_dir(explicit, model_dir))
+
+
+def write_tokenizer_files(directory: str | Path, tokenizer=None, model_max_length: int = 1024) -> list[str]:
+    """Make `directory` carry its tokenizer: `vocab.json` and `merges.txt` copied byte for byte, and a
+    `tokenizer_config.json` (GPT2Tokenizer, pad = EOS as everywhere here, the model's context as
+    `model_max_length`), so that transformers' AutoTokenizer and `pipeline`, and our own loader, read
+    the directory alone.  `tokenizer`: one from `load_tokenizer`, a directory, or None (the
+    resolution order of this module).  Returns the names written."""
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(str(tokenizer) if tokenizer else None)
+    source, directory = Path(tokenizer.name_or_path), Path(directory)
+    if not _has_tokenizer_files(source):
+        raise FileNotFoundError(f"tokenizer {tokenizer.name_or_path}: expected vocab.json and merges.txt in that "
+                                f"directory to copy them next to the weights")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, directory / name)
+    eos = tokenizer.eos_token
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": int(model_max_length), "add_prefix_space": False,
+              "bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return [*TOKENIZER_FILES, "tokenizer_config.json"]

@@ -2,41 +2,45 @@
 
 Input files are tab-separated with a leading unnamed index column; columns are read BY NAME
 (`id`, `sentence`, `sentiment`, `sentence1`, `sentence2`, `is_duplicate`), because the
-`*-test-student.csv` files carry an odd header (`0`, ``, `id`, `sentence`).  Quoting follows
-Python's `csv` module defaults, as the starter's `csv.DictReader(fp, delimiter='\\t')`.
+`*-test-student.csv` files carry an odd header (`0`, ``, `id`, `sentence`).  Files are UTF-8 (a
+byte-order mark is dropped; invalid bytes are an error naming the line: `common.io.read_text`).
+
+One line is one record.  A field that is quoted as a whole (`"..."`, inner quotes doubled) is
+unquoted as Python's `csv` module would (the starter's `csv.DictReader(fp, delimiter='\\t')`), so
+every well-formed row reads as it did there; any other quote is an ordinary character.  The `csv`
+module instead lets a stray opening quote run on across tabs and line ends, silently merging every
+following row into one field (rows vanish); here such a field is kept as written and reported.
 
 Quora files come in the layouts found in the wild: with or without a header line, with or without
 the leading index column, labels `1`/`0` or `1.0`/`0.0`, test files without labels.
 
 No row is ever dropped: a malformed row raises `DataError` naming the file and line.  Prediction
-writers check that there is one prediction per input id before writing (atomically), in the
-starter's exact formats:
+writers check that there is one prediction per input id before writing (atomically), byte for byte
+in the layout of the GPT-2 starter's writers (`classifier.py` / `paraphrase_detection.py` write
+`f"id \\t Predicted_Sentiment \\n"` then `f"{p}, {s} \\n"` per row):
 
-    id \\t Predicted_Sentiment \\n          then   {id} , {label} \\n
-    id \\t Predicted_Is_Paraphrase \\n      then   {id} , {token id} \\n
+    id \\t Predicted_Sentiment \\n          then   {id}, {label} \\n
+    id \\t Predicted_Is_Paraphrase \\n      then   {id}, {token id} \\n
+
+(no space before the comma: `{id} , {value}` is the older minBERT project's format, which the GPT-2
+leaderboard does not use).
 """
 from __future__ import annotations
 
-import csv
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from training.checkpoint import atomic_write_text
-
-csv.field_size_limit(sys.maxsize)  # CFIMDB reviews are long
+from common.errors import DataError
+from common.io import atomic_write_text, read_text
 
 SENTIMENT_HEADER = "id \t Predicted_Sentiment "
 PARAPHRASE_HEADER = "id \t Predicted_Is_Paraphrase "
 YES_TOKEN_ID = 8505  # "yes" in the GPT-2 vocabulary (no leading space)
 NO_TOKEN_ID = 3919  # "no"
 _BR = re.compile(r"\s*<br\s*/?>\s*", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """Malformed input data; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -59,23 +63,39 @@ def clean_text(text: str) -> str:
     return _BR.sub("\n", text).strip()
 
 
+_QUOTED = re.compile(r'"((?:[^"]|"")*)"')
+
+
+def _field(raw: str) -> tuple[str, bool]:
+    """(value, well_formed): a field quoted as a whole loses its quotes (`""` -> `"`), as in `csv`;
+    a field that opens a quote it does not close is kept as written (well_formed False)."""
+    m = _QUOTED.fullmatch(raw)
+    if m:
+        return m.group(1).replace('""', '"'), True
+    return raw, not raw.startswith('"')
+
+
 def _rows(path: str | Path) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank record of a tab-separated file."""
+    """(line number, fields) of every non-blank line of a tab-separated file: one line, one record."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (copy the CS224N data into data/, e.g. "
                         f"`mkdir -p data && cp ../shared/data/cs224n/* data/`, or pass the path flag)")
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        start = 1
-        try:
-            for fields in reader:
-                if fields and any(x.strip() for x in fields):
-                    out.append((start, fields))
-                start = reader.line_num + 1
-        except csv.Error as exc:
-            raise DataError(f"{path}, line {reader.line_num}: {exc}") from exc
+    out, stray = [], []
+    for n, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        fields = []
+        for raw in line.split("\t"):
+            value, ok = _field(raw)
+            fields.append(value)
+            if not ok:
+                stray.append(n)
+        out.append((n, fields))
+    if stray:
+        print(f"warning: {path}: {len(stray)} field(s) open a quote they do not close (lines "
+              f"{', '.join(map(str, stray[:5]))}{', ...' if len(stray) > 5 else ''}); the quote is read as a "
+              f"character and every row is kept", file=sys.stderr)
     return out
 
 
@@ -193,12 +213,17 @@ def read_paraphrase(path: str | Path, labeled: bool = True) -> list[ParaphraseEx
 # ---- prediction files -----------------------------------------------------------------------
 def write_predictions(path: str | Path, header: str, ids: Sequence[str], values: Sequence[int],
                       expected_rows: Optional[int] = None) -> Path:
-    """Write `header` then `{id} , {value} ` per row; refuses a row count that differs from the input's."""
+    """Write `header` then `{id}, {value} ` per row (the starter's `f"{p}, {s} \\n"`); refuses a row count
+    that differs from the input's."""
     if len(ids) != len(values):
         raise ValueError(f"{path}: {len(ids)} ids but {len(values)} predictions")
     if expected_rows is not None and len(ids) != expected_rows:
         raise ValueError(f"{path}: {len(ids)} predictions for {expected_rows} input rows; refusing to write")
-    lines = [f"{header}\n"] + [f"{i} , {int(v)} \n" for i, v in zip(ids, values)]
+    bad = [i for i in ids if not _PREDICTION_ID.fullmatch(str(i))]
+    if bad:
+        raise ValueError(f"{path}: ids must be non-empty without spaces or commas (the row format "
+                         f"'{{id}}, {{value}} '), got {bad[:3]}")
+    lines = [f"{header}\n"] + [f"{i}, {int(v)} \n" for i, v in zip(ids, values)]
     return atomic_write_text(path, "".join(lines))
 
 
@@ -214,11 +239,13 @@ def write_paraphrase_predictions(path, ids, token_ids, expected_rows=None) -> Pa
 
 
 def read_predictions(path: str | Path, header: str, allowed: Sequence[int]) -> list[tuple[str, int]]:
-    """(id, value) rows of a prediction file, checking the exact header and every row's form."""
+    """(id, value) rows of a prediction file, checking the exact header and every row's form: exactly
+    what the starter's writers produce (`{id}, {value} ` per line; CRLF line ends, as the starter
+    writes them on Windows, are accepted too)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", newline=None) as f:  # universal newlines: CRLF -> LF
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -226,10 +253,17 @@ def read_predictions(path: str | Path, header: str, allowed: Sequence[int]) -> l
         raise DataError(f"{path}, line 1: expected the header {header!r}, found {(lines or [''])[0]!r}")
     out = []
     for n, line in enumerate(lines[1:], start=2):
-        m = re.fullmatch(r"(\S+) , (-?\d+) ", line)
+        m = _PREDICTION_ROW.fullmatch(line)
         if not m:
-            raise DataError(f"{path}, line {n}: expected '{{id}} , {{value}} ', found {line!r}")
+            hint = " (the minBERT format '{id} , {value} ' has a space before the comma)" \
+                if re.fullmatch(r"\S+ , -?\d+ ?", line) else ""
+            raise DataError(f"{path}, line {n}: expected '{{id}}, {{value}} ' as the starter writes it, "
+                            f"found {line!r}{hint}")
         if int(m.group(2)) not in allowed:
             raise DataError(f"{path}, line {n}: value {m.group(2)} not in {sorted(allowed)}")
         out.append((m.group(1), int(m.group(2))))
     return out
+
+
+_PREDICTION_ID = re.compile(r"[^\s,]+")
+_PREDICTION_ROW = re.compile(rf"({_PREDICTION_ID.pattern}), (-?\d+) ")

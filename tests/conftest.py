@@ -27,6 +27,12 @@ def tiny_hf_config(**overrides):
     return transformers.GPT2Config(**kwargs)
 
 
+@pytest.fixture()
+def one_thread_subprocesses(monkeypatch):
+    """Scripts a test starts as subprocesses (sweep trials, recipe steps) run on one intra-op thread too."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     if not (TOKENIZER_DIR / "vocab.json").exists():
@@ -46,3 +52,7 @@ def tiny_hf_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-hf")
     hf.save_pretrained(directory)
     return directory, hf
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds (real-size GPT-2 on the CPU); `-m 'not slow'` skips")

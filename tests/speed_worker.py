@@ -22,23 +22,23 @@ def tiny_data():
 
 def run(run_dir: str, argv: list[str]) -> dict:
     """Train a tiny classifier for one epoch; returns its weights, dev predictions and losses."""
-    from classifier import GPT2SentimentClassifier
     from config import GPT2Config
     from models.gpt2 import GPT2Model
+    from tasks.sentiment import GPT2SentimentClassifier
     from training.batching import pad_right
-    from training.build import seed_everything, select_device
-    from training.cli import add_common_args, check_common_args
+    from training.build import seed_everything
+    from training.cli import add_common_args, check_common_args, resolve_device
     from training.distributed import full_state_dict
     from training.inference import batched_inference
     from training.trainer import Trainer, TrainTask
 
     args = add_common_args(argparse.ArgumentParser()).parse_args(["--no_progress", "--warmup_ratio", "0", *argv])
-    check_common_args(args)
-    device = select_device(False)
+    train = check_common_args(args).train
+    device = resolve_device("cpu")
     seed_everything(0)
     cfg = GPT2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = GPT2SentimentClassifier(GPT2Model(cfg), 3, 0.0, "full-model")
+    model = GPT2SentimentClassifier(GPT2Model(cfg), 3, 0.0)
     seqs, labels = tiny_data()
     losses = []
 
@@ -50,15 +50,15 @@ def run(run_dir: str, argv: list[str]) -> dict:
         return F.cross_entropy(m(b["input_ids"], b["attention_mask"]).float(), b["labels"]), b["tokens"]
 
     def evaluate(m):
-        logits = batched_inference(seqs, 3, 0, device, args.precision, m)
+        logits = batched_inference(seqs, 3, 0, device, train.precision, m)
         losses.append(F.cross_entropy(logits, labels).item())
         return {"loss": losses[-1], "n_predictions": len(logits)}
 
     task = TrainTask("tiny", [len(s) for s in seqs], make_batch, loss_fn, evaluate, metric="loss",
                      higher_is_better=False)
-    trainer = Trainer(model, task, args, device, Path(run_dir))
+    trainer = Trainer(model, task, train, device, Path(run_dir))
     result = trainer.fit()
-    preds = batched_inference(seqs, 4, 0, device, args.precision, model)
+    preds = batched_inference(seqs, 4, 0, device, train.precision, model)
     state, _ = full_state_dict(model)  # plain full tensors, also under FSDP
     return {"state": {k: v.detach().clone() for k, v in state.items()}, "preds": preds,
             "losses": losses, "best": result.best_metrics}

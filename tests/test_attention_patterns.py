@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from config import GPT2Config
 from models.gpt2 import GPT2LMHeadModel, GPT2Model
 from modules.attention import attend, build_attention_mask
-from modules.attention_patterns import (PATTERNS, add_attention_args, attention_overrides, layer_patterns,
-                                        parse_sparse_layers, pattern_allows, use_flex)
+from modules.attention_patterns import PATTERNS, choose_path, layer_patterns, parse_sparse_layers, pattern_allows
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -81,7 +80,7 @@ def test_dense_pattern_equals_is_causal_sdpa():
     for pattern in ("local", "hybrid"):
         m = build_attention_mask(None, T, 0, CPU, pattern=pattern, window=T)[0]
         torch.testing.assert_close(attend(q, k, v, m), ref, atol=1e-6, rtol=1e-5)
-    block = build_attention_mask(None, T, 0, CPU, pattern="dense", block_sparse=True)[0]
+    block = build_attention_mask(None, T, 0, CPU, pattern="dense", path="flex")[0]
     torch.testing.assert_close(attend(q, k, v, block), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -115,7 +114,7 @@ def test_block_mask_covers_exactly_the_pattern(pattern, case):
     elif case == "cached":  # 300 queries after 400 cached slots
         start, T = 400, 300
     S = start + T
-    bm = build_attention_mask(attention_mask, T, start, CPU, pattern=pattern, window=window, block_sparse=True)[0]
+    bm = build_attention_mask(attention_mask, T, start, CPU, pattern=pattern, window=window, path="flex")[0]
     dense = build_attention_mask(attention_mask, T, start, CPU, pattern=pattern, window=window)[0]
     if dense is None:  # dense, no padding: plain causality
         dense = torch.ones(S, S, dtype=torch.bool).tril()[start:][None, None]
@@ -150,7 +149,7 @@ def test_block_mask_covers_exactly_the_pattern(pattern, case):
 
 def test_logsparse_block_mask_is_sparse_at_long_context():
     T = 4096
-    bm = build_attention_mask(None, T, 0, CPU, pattern="logsparse", block_sparse=True)[0]
+    bm = build_attention_mask(None, T, 0, CPU, pattern="logsparse", path="flex")[0]
     visited = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
     n = T // 128
     # Dense causal visits n(n+1)/2 = 528 blocks; LogSparse the own block, the one before, and one
@@ -185,14 +184,15 @@ def test_gradients_flow_through_interleaved_sparse_layers():
 
 
 # ---- padding, both paths -----------------------------------------------------------------------
-def _model(pattern, backend="sdpa", layers="all", window=4, seed=0):
+def _model(pattern, backend="sdpa", layers="all", window=4, seed=0, global_tokens=0):
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config.from_name("tiny", vocab_size=1000, attention=pattern, attention_window=window,
-                                                sparse_layers=layers, attention_backend=backend)).eval()
+                                                sparse_layers=layers, attention_backend=backend,
+                                                attention_global_tokens=global_tokens)).eval()
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "sparse"])
 def test_padding_left_and_right_equal_unpadded(pattern, backend):
     model = _model(pattern, backend, layers="odd" if pattern == "hybrid" else "all")
     ids = torch.randint(0, 1000, (1, 21))
@@ -206,10 +206,10 @@ def test_padding_left_and_right_equal_unpadded(pattern, backend):
     torch.testing.assert_close(left[:, 6:], ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_flex_and_sdpa_paths_agree_on_cpu(pattern):
+@pytest.mark.parametrize("pattern,global_tokens", [(p, 0) for p in PATTERNS] + [("logsparse", 3), ("local", 130)])
+def test_flex_and_sdpa_paths_agree_on_cpu(pattern, global_tokens):
     """FlexAttention runs eagerly on CPU (forward only); same block mask function, same numbers."""
-    sdpa, flex = _model(pattern, "sdpa", window=6), _model(pattern, "flex", window=6)
+    sdpa, flex = [_model(pattern, b, window=6, global_tokens=global_tokens) for b in ("sdpa", "flex")]
     ids = torch.randint(0, 1000, (3, 260))  # over two 128-blocks
     mask = torch.ones(3, 260, dtype=torch.long)
     mask[1, :50] = 0
@@ -237,8 +237,8 @@ def _uncached_greedy(model, ids, attention_mask, steps):
     return out
 
 
-CACHE_CASES = [(p, b, padded) for p in PATTERNS for b in ("sdpa", "flex") for padded in (False, True)
-               if not (p == "dense" and b == "flex")]  # dense layers never take the flex path
+CACHE_CASES = [(p, b, padded) for p in PATTERNS for b in ("sdpa", "flex", "sparse") for padded in (False, True)
+               if not (p == "dense" and b != "sdpa")]  # dense layers always take the sdpa path
 
 
 @pytest.mark.parametrize("pattern,backend,padded", CACHE_CASES)
@@ -264,49 +264,81 @@ def test_sparse_layers_parsing_and_validation():
     assert parse_sparse_layers(" 3, 0 ", 4) == [0, 3]
     for bad, message in (("4", "layer 4 does not exist in a 4-layer model"), ("-1", "start at 0"),
                          ("1,x", "'x' is not a layer index"), ("", "is not a layer index"), ("1,1", "repeated")):
-        with pytest.raises(ValueError, match="--sparse_layers") as err:
+        with pytest.raises(ValueError, match="sparse_layers") as err:
             parse_sparse_layers(bad, 4)
         assert message in str(err.value)
-    with pytest.raises(ValueError, match="--sparse_layers '2'.*2-layer model"):
+    with pytest.raises(ValueError, match="sparse_layers '2'.*2-layer model"):
         GPT2Model(GPT2Config.from_name("tiny", attention="local", sparse_layers="2"))
     assert layer_patterns(GPT2Config.from_name("tiny", attention="hybrid", sparse_layers="odd")) == ["dense", "hybrid"]
-    for field, value, flag in (("attention", "strided", "--attention"), ("attention_window", 0, "--attention_window"),
-                               ("attention_backend", "xla", "--attention_backend")):
-        with pytest.raises(ValueError, match=flag):
+    for field, value in (("attention", "strided"), ("attention_window", 0), ("attention_backend", "xla")):
+        with pytest.raises(ValueError, match=f"^{field}"):
             layer_patterns(GPT2Config.from_name("tiny", **{field: value}))
 
 
 def test_backend_choice():
     cuda, cpu = torch.device("cuda"), CPU
-    assert use_flex("auto", cuda, dropout_active=False, cached=False)
-    assert not use_flex("auto", cuda, dropout_active=True, cached=False)
-    assert not use_flex("auto", cuda, dropout_active=False, cached=True)
-    assert not use_flex("auto", cpu, dropout_active=False, cached=False)
-    assert not use_flex("sdpa", cuda, dropout_active=False, cached=False)
-    assert use_flex("flex", cpu, dropout_active=False, cached=True)
-    with pytest.raises(ValueError, match="--attention_backend flex: FlexAttention has no attention dropout"):
-        use_flex("flex", cpu, dropout_active=True, cached=False)
+
+    def path(backend, device, T=4096, pattern="logsparse", dropout=False, cached=False, window=64):
+        return choose_path(backend, pattern, device, T, T, window, 0, dropout_active=dropout, cached=cached)
+
+    # auto: FlexAttention on CUDA without dropout; the sparse path when training with dropout or
+    # on CPU; dense SDPA where sparsity does not pay (short sequences, a window as wide as the
+    # sequence, one-token decoding).
+    assert path("auto", cuda) == "flex"
+    assert path("auto", cuda, dropout=True) == "sparse"
+    assert path("auto", cuda, cached=True) == "sparse"
+    assert path("auto", cpu) == path("auto", cpu, dropout=True) == "sparse"
+    # CPU, T = 512: with dropout SDPA runs its math kernel and sparsity pays; without, its
+    # fused kernel is as fast (crossovers measured by bench.attention).
+    assert path("auto", cpu, T=512, dropout=True) == "sparse"
+    assert path("auto", cpu, T=512) == "sdpa"
+    assert path("auto", cpu, T=64) == path("auto", cuda, T=64) == "sdpa"
+    assert path("auto", cpu, pattern="local", window=4096) == "sdpa"
+    assert path("auto", cpu, T=1, cached=True) == "sdpa"
+    assert path("auto", cpu, pattern="dense") == path("sparse", cpu, pattern="dense") == "sdpa"
+    # Forced paths, whatever the length.
+    assert path("sdpa", cuda) == "sdpa"
+    assert path("flex", cpu, T=8, cached=True) == "flex"
+    assert path("sparse", cuda, T=8) == path("sparse", cpu, T=1, cached=True, dropout=True) == "sparse"
+    with pytest.raises(ValueError, match="attention_backend flex.*FlexAttention has no attention dropout"):
+        path("flex", cpu, dropout=True)
+    with pytest.raises(ValueError, match="attention_backend.*'xla'"):
+        path("xla", cpu)
     q, k, v = _qkv(T=16, requires_grad=True)
-    bm = build_attention_mask(None, 16, 0, CPU, pattern="local", window=4, block_sparse=True)[0]
+    bm = build_attention_mask(None, 16, 0, CPU, pattern="local", window=4, path="flex")[0]
     with pytest.raises(NotImplementedError, match="no backward on CPU"):
         attend(q, k, v, bm)
-    # Training with dropout on "auto" stays on SDPA (FlexAttention has no dropout) and runs.
+    # Training with dropout on "auto" runs (the sparse path at long T, SDPA at short T).
     model = GPT2LMHeadModel(GPT2Config.from_name("tiny", vocab_size=1000, attention="logsparse")).train()
     model(torch.randint(0, 1000, (1, 9))).sum().backward()
 
 
+def attention_overrides(*argv) -> dict:
+    """The GPT2Config overrides the command line asks for (training/cli.py -> ModelConfig)."""
+    from training.cli import add_common_args, build_configs
+
+    return build_configs(add_common_args(argparse.ArgumentParser()).parse_args(list(argv))).model.overrides()
+
+
 def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, tmp_path):
-    parser = add_attention_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--attention", "hybrid", "--attention_window", "8", "--sparse_layers", "odd",
-                              "--attention_backend", "sdpa"])
-    overrides = attention_overrides(args)
+    from common.errors import ConfigError
+    from training.cli import add_attention_args
+
+    overrides = attention_overrides("--attention", "hybrid", "--attention_window", "8", "--sparse_layers", "odd",
+                                    "--attention_backend", "sdpa")
     assert overrides == dict(attention="hybrid", attention_window=8, sparse_layers="odd", attention_backend="sdpa")
-    assert attention_overrides(parser.parse_args([])) == {}  # nothing given: config / checkpoint decide
-    assert attention_overrides(parser.parse_args(["--attention", "local"])) == dict(attention="local")
-    with pytest.raises(ValueError, match="--sparse_layers"):
-        attention_overrides(parser.parse_args(["--sparse_layers", "first"]))
-    with pytest.raises(ValueError, match="--attention_window"):
-        attention_overrides(parser.parse_args(["--attention_window", "0"]))
+    assert attention_overrides() == {}  # nothing given: config / checkpoint decide
+    assert attention_overrides("--attention", "local") == dict(attention="local")
+    assert attention_overrides("--attention", "local", "--attention_global_tokens", "2", "--attention_dropout", "0") \
+        == dict(attention="local", attention_global_tokens=2, attention_probs_dropout_prob=0.0)
+    assert GPT2Model.from_name_or_path("tiny", attention="local", attention_global_tokens=2).config \
+        .attention_global_tokens == 2
+    with pytest.raises(ConfigError, match="sparse_layers"):
+        attention_overrides("--sparse_layers", "first")
+    with pytest.raises(ConfigError, match="attention_window"):
+        attention_overrides("--attention_window", "0")
+    parser = argparse.ArgumentParser()
+    add_attention_args(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--attention", "strided"])
 
@@ -318,7 +350,7 @@ def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, t
         assert (cfg.attention, cfg.attention_window, cfg.sparse_layers, cfg.attention_backend) == \
                ("hybrid", 8, "odd", "sdpa")
         assert model.backbone.layer_patterns == ["dense", "hybrid"]
-    with pytest.raises(ValueError, match="--sparse_layers '5'"):
+    with pytest.raises(ValueError, match="sparse_layers '5'"):
         GPT2LMHeadModel.from_name_or_path(str(directory), attention="local", sparse_layers="5")
 
     # The sparse settings survive save_pretrained -> config.json -> loading; transformers ignores them.
@@ -328,7 +360,7 @@ def test_cli_overrides_reach_every_way_of_building_a_model(tiny_hf_checkpoint, t
     saved = model.save_pretrained(tmp_path / "sparse")
     assert json.loads((saved / "config.json").read_text())["sparse_attention"]["attention"] == "hybrid"
     # Loaded without flags (a script run without them) it stays sparse.
-    again = GPT2LMHeadModel.from_name_or_path(str(saved), **attention_overrides(parser.parse_args([])))
+    again = GPT2LMHeadModel.from_name_or_path(str(saved), **attention_overrides())
     assert again.config.attention == "hybrid" and again.config.sparse_layers == "odd"
     ids = torch.randint(0, 1000, (1, 12))
     torch.testing.assert_close(again.eval()(ids), model.eval()(ids))

@@ -215,19 +215,24 @@ def test_only_student_projections_and_critics_get_gradients():
     assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is not None for p in model.aligner.parameters())
-    # the critics were stepped by their own optimizer, and the student's backward left them alone
+    # the student's backward left the critics alone; the trainer's micro-batch hook then steps them
+    # with their own optimizer on the samples the loss stashed
     assert d.critics is not None and all(p.grad is None for p in d.critics.parameters())
-    assert all(p.requires_grad for p in d.critics.parameters())
-    assert all(s["step"] == 1 for s in d.critic_opt.state.values())
+    assert all(p.requires_grad for p in d.critics.parameters()) and not d.critic_opt.state
+    d.on_micro_batch_end(None, batch())
+    assert d.critic_opt.state and all(s["step"] == 1 for s in d.critic_opt.state.values())
+    assert all(p.grad is None for p in d.critics.parameters())
 
 
 def test_distiller_state_round_trip():
     teacher, student = small(layers=2), small(layers=2, seed=2)
     d, model = make_distiller(teacher, student, wd_weight=1.0)
+    model.train()
     d.loss(model, batch(), lm_logits, lm_ce)
+    d.on_micro_batch_end(None, batch())
     state = d.state_dict()
     d2, _ = make_distiller(teacher, student, wd_weight=1.0)
-    d2.load_state_dict(state, torch.device("cpu"))
+    d2.load_state_dict(state)
     for a, b in zip(d.critics.parameters(), d2.critics.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(d.generator.get_state(), d2.generator.get_state())

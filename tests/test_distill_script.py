@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
 
+from common.errors import UserError
 from cs224n_files import quora_pairs, write_quora
 from models.gpt2 import GPT2LMHeadModel
 from training.checkpoint import load
@@ -47,8 +49,9 @@ def test_lm_distillation_end_to_end_all_losses(tmp_path, tokenizer_dir, corpus):
     assert json.loads((tmp_path / "run" / "report.json").read_text()) == report
     saved = GPT2LMHeadModel.from_pretrained(str(tmp_path / "run" / "student"))
     assert saved.config.num_hidden_layers == 1
-    critic = load(tmp_path / "run" / "critic.pt")
+    (critic,) = load(tmp_path / "run" / "last.pt")["callbacks"]  # inside the run's checkpoint, not beside it
     assert critic["layer_map"] == [1] and "critics.0.net.0.weight" in critic["critics"]
+    assert not (tmp_path / "run" / "critic.pt").exists()
 
 
 def test_lm_resume_continues_student_and_critic_exactly(tmp_path, tokenizer_dir, corpus):
@@ -59,7 +62,7 @@ def test_lm_resume_continues_student_and_critic_exactly(tmp_path, tokenizer_dir,
     assert script.main(lm_args(tmp_path, tokenizer_dir, corpus, "cut", *common, "--stop_after_epoch", "1")) is None
     resumed = script.main(lm_args(tmp_path, tokenizer_dir, corpus, "cut", *common, "--resume", str(tmp_path / "cut")))
     assert resumed["rows"]["student"]["perplexity"] == pytest.approx(full["rows"]["student"]["perplexity"], rel=1e-6)
-    a, b = load(tmp_path / "full" / "critic.pt"), load(tmp_path / "cut" / "critic.pt")
+    a, b = (load(tmp_path / run / "last.pt")["callbacks"][0] for run in ("full", "cut"))
     assert all(torch.allclose(a["critics"][k], b["critics"][k], atol=1e-6) for k in a["critics"])
 
 
@@ -75,12 +78,18 @@ def test_para_distillation_with_projection(tmp_path, tokenizer_dir):
     assert report["rows"]["student"]["hidden"] == 32
 
 
-def test_errors_name_the_flag(tmp_path, tokenizer_dir, corpus):
+def test_errors_name_the_flag(tmp_path, tokenizer_dir, corpus, capsys):
+    from training.cli import entry_point
+
     script = distill_script()
-    with pytest.raises(SystemExit, match="--init_every_k 2: .*hidden_size"):
-        script.main(lm_args(tmp_path, tokenizer_dir, corpus, "a", "--student_hidden", "32", "--init_every_k", "2"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
+        entry_point(script.main)(lm_args(tmp_path, tokenizer_dir, corpus, "a", "--student_hidden", "32",
+                                         "--init_every_k", "2"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(r"error: --init_every_k: 2: .*hidden_size", err) and "Traceback" not in err and "\n" not in err
+    with pytest.raises(UserError, match="--teacher is needed"):
         script.main(["--task", "lm", "--train_file", str(corpus), "--kl_weight", "1", "--model_size", "tiny"])
-    with pytest.raises(SystemExit, match="--layer_map"):
+    with pytest.raises(UserError, match="layer_map"):
         script.main(lm_args(tmp_path, tokenizer_dir, corpus, "b", "--student_layers", "1", "--layer_map", "0,1",
                             "--mse_weight", "1"))

@@ -16,10 +16,12 @@ from models.gpt2 import GPT2LMHeadModel, GPT2Model
 from optimizer import AdamW
 from training import checkpoint
 from training.efficient import (
-    LORA_MODULES, add_efficiency_args, adapter_state, apply_lora, check_efficiency_args, efficiency_report,
-    format_report, freeze, load_adapter_state, lora_settings, merge_lora, prepare_model, resolve_lora_targets,
-    set_grad_checkpointing,
+    LORA_MODULES, adapter_state, apply_lora, efficiency_report, format_report, freeze_parameters, load_adapter_state,
+    lora_settings, merge_lora, prepare_model, resolve_lora_targets, set_grad_checkpointing,
 )
+from common.errors import ConfigError, UserError
+from training.cli import add_efficiency_args, check_common_args
+from training.config import EfficiencyConfig
 
 
 def tiny_config(dropout: float = 0.0, layers: int = 4) -> GPT2Config:
@@ -77,7 +79,7 @@ def test_target_names_resolve_to_our_linear_layers():
                                             "attention_dense"]
     assert resolve_lora_targets("mlp,query") == ["self_attention.query", "interm_dense", "out_dense"]
     assert resolve_lora_targets("all") == list(LORA_MODULES.values())
-    with pytest.raises(ValueError, match="--lora_targets: unknown target 'lm_head'"):
+    with pytest.raises(ValueError, match="^lora_targets: unknown target 'lm_head'"):
         resolve_lora_targets("qv,lm_head")
     model = GPT2LMHeadModel(tiny_config())
     linear_suffixes = {n.split("gpt_layers.")[1].split(".", 1)[1] for n, m in model.named_modules()
@@ -216,7 +218,7 @@ def test_adapter_checkpoint_holds_only_adapters_and_head_and_reloads(tmp_path):
 def test_frozen_parameters_stay_bit_identical(mode, n_layers, frozen_prefixes):
     model = make_classifier()
     before = snapshot(model)
-    frozen = freeze(model, mode, n_layers)
+    frozen = freeze_parameters(model, mode, n_layers)
     assert set(frozen) == {n for n in before if n.startswith(frozen_prefixes)}
     train_steps(model)
     for name, p in model.named_parameters():
@@ -229,18 +231,18 @@ def test_frozen_parameters_stay_bit_identical(mode, n_layers, frozen_prefixes):
 def test_freeze_also_freezes_adapters_inside_frozen_layers():
     model = make_classifier()
     apply_lora(model, r=2, targets="qv", modules_to_save=["classifier_head"])
-    freeze(model, "first-half")
+    freeze_parameters(model, "first-half")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
     assert trainable and all(n.startswith(("gpt.gpt_layers.2.", "gpt.gpt_layers.3.")) for n in trainable)
 
 
-def test_freeze_errors_name_the_flag():
-    with pytest.raises(ValueError, match="--freeze all-but-head: GPT2LMHeadModel has no separate head"):
-        freeze(GPT2LMHeadModel(tiny_config()), "all-but-head")
-    with pytest.raises(ValueError, match="--freeze_layers N with 1 <= N <= 4, got 5"):
-        freeze(make_classifier(), "first-n", 5)
-    with pytest.raises(ValueError, match="--freeze must be one of"):
-        freeze(make_classifier(), "last-half")
+def test_freeze_errors_name_the_field():
+    with pytest.raises(ValueError, match="^freeze all-but-head: GPT2LMHeadModel has no separate head"):
+        freeze_parameters(GPT2LMHeadModel(tiny_config()), "all-but-head")
+    with pytest.raises(ValueError, match="freeze_layers N with 1 <= N <= 4, got 5"):
+        freeze_parameters(make_classifier(), "first-n", 5)
+    with pytest.raises(ValueError, match="^freeze must be one of"):
+        freeze_parameters(make_classifier(), "last-half")
 
 
 # ---- gradient checkpointing -------------------------------------------------------------------
@@ -303,22 +305,20 @@ def test_accounting_counts_adapters_head_and_tied_tensors_once():
     assert efficiency_report(lm, "cpu")["total_params"] == sum(p.numel() for p in lm.parameters())
 
 
-def parse(*argv):
+def parse(*argv) -> EfficiencyConfig:
     p = argparse.ArgumentParser()
     add_efficiency_args(p)
-    args = p.parse_args(list(argv))
-    check_efficiency_args(args)
-    return args
+    return check_common_args(p.parse_args(list(argv))).efficiency
 
 
 def test_flag_errors_and_prepare_model():
-    for argv, message in [(["--merge_lora"], "--merge_lora needs --peft lora"),
-                          (["--freeze_layers", "2"], "--freeze_layers N goes with --freeze first-n"),
-                          (["--freeze", "first-n"], "--freeze_layers N goes with --freeze first-n"),
-                          (["--peft", "lora", "--lora_targets", "qv,foo"], "unknown target 'foo'"),
-                          (["--peft", "lora", "--lora_r", "0"], "--lora_r must be >= 1"),
+    for argv, message in [(["--merge_lora"], "--merge_lora: needs peft lora"),
+                          (["--freeze_layers", "2"], "--freeze_layers: goes with freeze first-n"),
+                          (["--freeze", "first-n"], "--freeze_layers: goes with freeze first-n"),
+                          (["--peft", "lora", "--lora_targets", "qv,foo"], "--lora_targets: unknown target 'foo'"),
+                          (["--peft", "lora", "--lora_r", "0"], "--lora_r: must be >= 1"),
                           (["--peft", "lora", "--freeze", "all-but-head"], "would freeze every adapter")]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(UserError, match=message):
             parse(*argv)
     model = make_classifier()
     args = parse("--peft", "lora", "--lora_r", "2", "--lora_targets", "qv", "--freeze", "first-n",
@@ -326,7 +326,7 @@ def test_flag_errors_and_prepare_model():
     applied = prepare_model(model, args)
     assert applied["lora"]["r"] == 2 and applied["lora"]["modules_to_save"] == ["classifier_head"]
     assert model.gpt.gradient_checkpointing and prepare_model(model, args) is applied  # applied once
-    with pytest.raises(SystemExit, match="froze every LoRA adapter"):
+    with pytest.raises(ConfigError, match="froze every LoRA adapter"):
         prepare_model(make_classifier(), parse("--peft", "lora", "--freeze", "first-n", "--freeze_layers", "4"))
 
 
@@ -367,7 +367,7 @@ def test_classifier_with_lora_end_to_end(tmp_path, tokenizer_dir):
     for split in ("dev", "test"):
         name = f"full-model-cfimdb-{split}-out.csv"
         assert (tmp_path / "a" / "pred" / name).read_bytes() == (tmp_path / "b" / "pred" / name).read_bytes()
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--fine-tune-mode last-linear-layer"):
         classifier.main(["--peft", "lora", *files])  # last-linear-layer (the default) + LoRA: an error
 
 
@@ -383,8 +383,8 @@ def test_every_task_script_takes_the_flags():
         args = module.parse_args([*flags, *extra])
         assert (args.peft, args.lora_r, args.lora_alpha, args.lora_targets, args.freeze_layers) == \
                ("lora", 8, 16.0, "qv,mlp", 2) and args.merge_lora and args.grad_checkpointing
-        with pytest.raises(SystemExit):
-            module.parse_args(["--freeze_layers", "2", *extra])
+        with pytest.raises(UserError, match="--freeze_layers"):
+            check_common_args(module.parse_args(["--freeze_layers", "2", *extra]))
 
 
 def test_sonnet_script_with_lora_and_freezing(tmp_path, tokenizer_dir):
@@ -394,7 +394,7 @@ def test_sonnet_script_with_lora_and_freezing(tmp_path, tokenizer_dir):
 
     import sonnet_generation as sg
     from cs224n_files import sonnet_text, write_sonnets
-    from evaluation.sonnets import read_generated_sonnets
+    from tasks.sonnets import read_generated_sonnets
 
     rng = random.Random(0)
     train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 4)])
@@ -409,7 +409,7 @@ def test_sonnet_script_with_lora_and_freezing(tmp_path, tokenizer_dir):
              "--sonnet_out", str(out), "--sonnet_dev_out", str(tmp_path / "p" / "dev.txt"), "--max_new_tokens", "8",
              "--peft", "lora", "--lora_targets", "all", "--freeze", "first-n", "--freeze_layers", "1",
              "--merge_lora"])
-    assert [n for n, _ in read_generated_sonnets(out)] == [145]
+    assert [n for n, _ in read_generated_sonnets(out)] == [0]
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
     assert ckpt["lora"]["modules_to_save"] == []
     assert ckpt["tensors"] and all(".lora_" in k for k in ckpt["tensors"])

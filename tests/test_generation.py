@@ -254,3 +254,22 @@ def test_bad_arguments(full_vocab):
         ours.generate(ids, do_sample=True, top_p=0.0, max_new_tokens=4)
     assert ours.generate(ids, max_new_tokens=0).tolist() == ids.tolist()
     assert all(layer.self_attention.kv_cache is None for layer in ours.gpt.gpt_layers)  # cache released
+
+
+@pytest.mark.parametrize("backend", ["sparse", "auto", "sdpa"])
+def test_sparse_attention_generation_equals_uncached_greedy(backend):
+    """A local-window model with global tokens (window 4 < prompt + 12 new tokens): every attention
+    path of a cached, batched, left-padded generation (per-step SparseLayout, SDPA tables) gives
+    the tokens of the uncached one-prompt loop; speculative decoding with it too."""
+    from config import GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config.from_name("tiny", vocab_size=64, attention="local", attention_window=4,
+                               attention_global_tokens=2, attention_backend=backend, initializer_range=0.3)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids, mask = left_pad(PROMPTS, PAD)
+    out = model.generate(ids, mask, max_new_tokens=12, pad_token_id=PAD)
+    for i, prompt in enumerate(PROMPTS):
+        assert out[i, -12:].tolist() == uncached_greedy(model, prompt, 12)[-12:]
+    draft = GPT2LMHeadModel(GPT2Config.from_name("tiny", vocab_size=64, num_hidden_layers=1)).eval()
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=12, pad_token_id=PAD, assistant_model=draft), out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from common.errors import UserError
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,46 @@ def test_filter_critic_sees_only_rule_survivors_and_applies_tau():
     assert stats["kept"] == 1 and stats["removed"]["critic"] == 1 and kept[0]["score"] == 0.9
     with pytest.raises(ValueError, match="tau"):
         imp.filter_pairs(CANDIDATES, imp.FilterRules(tau=None), critic)
+
+
+def test_lexical_similarity_comes_from_the_metric_libraries():
+    import sacrebleu
+
+    from distillation.lexical import distinct_n, similarity
+
+    # ROUGE-L F by hand: "a b c d" vs "a c d e" -> LCS "a c d" = 3 of 4 words each side -> F = 0.75
+    assert similarity("a b c d", "A c d e", "rougeL") == pytest.approx(0.75)
+    x, y = "the cat sat on the mat today", "the cat sat on a mat"
+    assert similarity(x, y, "bleu") == pytest.approx(max(sacrebleu.sentence_bleu(x, [y]).score,
+                                                         sacrebleu.sentence_bleu(y, [x]).score) / 100)
+    assert similarity(x, y, "chrf") == pytest.approx(max(sacrebleu.sentence_chrf(x, [y]).score,
+                                                         sacrebleu.sentence_chrf(y, [x]).score) / 100)
+    assert similarity(x, x, "bleu") == pytest.approx(1.0) and similarity(x, x, "chrf") == pytest.approx(1.0)
+    assert distinct_n(["a b c a b", "a b"], 2) == pytest.approx(3 / 5)  # (a b) x3, (b c), (c a)
+    with pytest.raises(ValueError, match="overlap_metric"):
+        similarity(x, y, "jaccard")
+
+
+def test_filter_overlap_metric_and_kept_pair_statistics():
+    # the guitar near-copy: ROUGE-L 8/9 ~ 0.889 (removed at 0.7), sentence BLEU ~0.64 (kept at 0.7)
+    _, rouge = imp.filter_pairs(CANDIDATES, imp.FilterRules(max_overlap=0.7, overlap_metric="rougeL"))
+    kept, bleu = imp.filter_pairs(CANDIDATES, imp.FilterRules(max_overlap=0.7, overlap_metric="bleu"))
+    assert rouge["removed"]["near_copy"] == 1 and bleu["removed"]["near_copy"] == 0 and bleu["kept"] == 3
+    from distillation.lexical import distinct_n, similarity
+
+    assert bleu["lexical_similarity_mean_kept"] == pytest.approx(sum(similarity(r["a"], r["b"], "bleu")
+                                                                     for r in kept) / 3)
+    assert bleu["distinct_2_kept"] == pytest.approx(distinct_n([r["b"] for r in kept]))
+    assert bleu["critic_score_mean_kept"] is None
+    with pytest.raises(ValueError, match="--overlap_metric"):
+        imp.filter_pairs(CANDIDATES, imp.FilterRules(overlap_metric="jaccard"))
+
+
+def test_merge_filtered_keeps_each_unordered_pair_once():
+    a = [{"context_id": 0, "a": "x y z", "b": "p q r"}, {"context_id": 1, "a": "u v", "b": "w"}]
+    b = [{"context_id": 0, "a": "P q r", "b": "x y z!"}, {"context_id": 2, "a": "k", "b": "l"}]
+    rows, dropped = imp.merge_filtered([a, b])
+    assert dropped == 1 and rows == a + b[1:]
 
 
 def test_filter_rejects_bad_rules():
@@ -144,5 +186,5 @@ def test_tiny_end_to_end_generate_filter_build_train(tmp_path, tokenizer_dir):
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     start = next(e for e in events if e["event"] == "start")
     assert start["train_examples"] == bstats["rows"]
-    with pytest.raises(SystemExit, match="--synthetic_train"):
+    with pytest.raises(UserError, match="--synthetic_train"):
         para.main(["--model_size", "tiny", *tok, "--para_train", "none"])

@@ -6,6 +6,7 @@ import csv
 import pytest
 import torch
 
+from common.errors import DataError
 from lm.batching import batchify, bptt_segments, transformer_blocks
 from lm.corpus import (clean_poem, join_documents, normalize_newlines, pack_blocks, read_documents,
                        read_poetry_csv, split_documents)
@@ -56,7 +57,7 @@ def test_read_documents_text_and_sonnets(tmp_path):
     sonnets = tmp_path / "sonnets.txt"
     sonnets.write_text("Header\n\n1\n\nFirst line\nsecond\n\n2\n\nOther\n")
     assert read_documents(sonnets) == ["First line\nsecond", "Other"]
-    with pytest.raises(FileNotFoundError, match="no such corpus file"):
+    with pytest.raises(DataError, match="no such corpus file"):
         read_documents(tmp_path / "missing.txt")
 
 

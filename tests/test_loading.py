@@ -93,18 +93,19 @@ def test_unsupported_variant_is_rejected(tiny_hf_checkpoint, tmp_path):
         GPT2Model.from_pretrained(str(tmp_path))
 
 
-def test_export_round_trip_through_transformers(tmp_path):
+def test_export_round_trip_through_transformers(tmp_path, tokenizer_dir):
     torch.manual_seed(3)
     ours = GPT2LMHeadModel(GPT2Config.from_name("tiny")).eval()
-    ours.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    ours.save_pretrained(tmp_path / "ckpt", tokenizer=str(tokenizer_dir))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"]
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").eval()
     ids = torch.randint(0, 50257, (2, 9))
     assert (logits(ours, ids) - hf(input_ids=ids).logits.detach()).abs().max() < 1e-5
     again = GPT2LMHeadModel.from_pretrained(str(tmp_path / "ckpt")).eval()
     assert torch.equal(logits(again, ids), logits(ours, ids))
     # saving again over an existing directory replaces it atomically
-    ours.save_pretrained(tmp_path / "ckpt")
+    ours.save_pretrained(tmp_path / "ckpt", tokenizer=str(tokenizer_dir))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 

@@ -6,6 +6,9 @@ import argparse
 import csv
 
 import pytest
+
+from common.errors import UserError
+from training.config import ModelConfig
 import torch
 
 from models.gpt2 import GPT2LMHeadModel
@@ -39,7 +42,7 @@ def test_pretrain_end_to_end_saves_trained_weights(poems_csv, tmp_path, tokenize
 
     model_dir = out["model_dir"]
     assert (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file()
-    reloaded = build_model(GPT2LMHeadModel, argparse.Namespace(model_size=str(model_dir), random_init=False)).eval()
+    reloaded = build_model(GPT2LMHeadModel, ModelConfig(model_size=str(model_dir))).eval()
     best = GPT2LMHeadModel.from_name_or_path("tiny").eval()
     best.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
     seed_everything(5)
@@ -55,7 +58,7 @@ def test_pretrain_end_to_end_saves_trained_weights(poems_csv, tmp_path, tokenize
 def test_pretrain_rejects_missing_corpus(tmp_path):
     import pretrain
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--corpus .*nope.txt: no such file"):
         pretrain.parse_args(["--corpus", str(tmp_path / "nope.txt")])
 
 
@@ -69,11 +72,10 @@ def test_init_checkpoint_starts_task_scripts_from_the_saved_weights(tmp_path):
     saved.save_pretrained(tmp_path / "model")
     parser = add_common_args(argparse.ArgumentParser())
     args = parser.parse_args(["--model_size", "gpt2", "--init_checkpoint", str(tmp_path / "model")])
-    check_common_args(args)
-    model = build_model(GPT2LMHeadModel, args)
+    model = build_model(GPT2LMHeadModel, check_common_args(args).model)
     for (name, a), b in zip(saved.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(SystemExit, match="--init_checkpoint .*config.json"):
+    with pytest.raises(UserError, match="--init_checkpoint: .*config.json"):
         check_common_args(parser.parse_args(["--init_checkpoint", str(tmp_path)]))
-    with pytest.raises(SystemExit, match="--random_init"):
+    with pytest.raises(UserError, match="random_init"):
         check_common_args(parser.parse_args(["--init_checkpoint", str(tmp_path / "model"), "--random_init"]))

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import pytest
 
+from common.errors import UserError
+
 from conftest import CS224N_DATA
 from evaluation.sonnet_form import (count_syllables, distinct_n, evaluate_sonnets, line_syllables, rhyme_adherence,
                                     sonnet_form, sonnet_lines, words_rhyme)
-from evaluation.sonnets import chrf, read_sonnets, write_generated_sonnets
+from evaluation.sonnets import chrf
+from tasks.sonnets import read_sonnets, write_generated_sonnets
 
 PERFECT = """and so the old man sat and sang all day
 he saw the moon rise up and light the night
@@ -89,7 +92,7 @@ def test_evaluate_rows_and_overall():
 def test_cli_prints_table(tmp_path, capsys):
     import evaluate_sonnets
 
-    generated = write_generated_sonnets(tmp_path / "gen.txt", [(0, PERFECT), (1, line_syllables and "a b c")])
+    generated = write_generated_sonnets(tmp_path / "gen.txt", [PERFECT, line_syllables and "a b c"])
     gold = tmp_path / "gold.txt"
     gold.write_text(f"Sonnets\n\n\n7\n\n{PERFECT}\n\n8\n\n{PERFECT}\n")
     result = evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold),
@@ -98,7 +101,7 @@ def test_cli_prints_table(tmp_path, capsys):
     assert "| **all** |" in out and "ABAB CDCD EFEF GG" in out and "gold ppl" not in out
     assert result["overall"]["chrf"] == pytest.approx(chrf([PERFECT, "a b c"], [PERFECT, PERFECT]))
     assert (tmp_path / "out.json").exists()
-    with pytest.raises(SystemExit, match="paired in order"):
+    with pytest.raises(UserError, match="0, 1 without gold, 132, 133, .* not generated"):
         evaluate_sonnets.main(["--generated", str(generated), "--gold", str(CS224N_DATA / "TRUE_sonnets_held_out_dev.txt")])
 
 
@@ -117,7 +120,7 @@ def test_cli_gold_perplexity(tmp_path, capsys, tiny_hf_checkpoint, tokenizer_dir
              "My mistress' eyes are nothing like the sun;\nCoral is far more red than her lips' red."]
     gold = tmp_path / "gold.txt"
     gold.write_text("Sonnets\n" + "".join(f"\n{i}\n\n{t}\n" for i, t in enumerate(short, start=1)))
-    generated = write_generated_sonnets(tmp_path / "gen.txt", [(1, short[1]), (2, short[0])])
+    generated = write_generated_sonnets(tmp_path / "gen.txt", [short[0], short[1]])  # in the gold's order
     result = evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold), "--model", str(directory),
                                     "--tokenizer", str(tokenizer_dir)])
     assert "gold ppl" in capsys.readouterr().out

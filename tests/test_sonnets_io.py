@@ -6,9 +6,10 @@ import re
 import pytest
 from sacrebleu.metrics import CHRF
 
+from common.errors import DataError
 from conftest import CS224N_DATA
-from evaluation.sonnets import (chrf, read_generated_sonnets, read_numbered_sonnets, read_sonnets,
-                                write_generated_sonnets)
+from evaluation.sonnets import chrf
+from tasks.sonnets import read_generated_sonnets, read_numbered_sonnets, read_sonnets, write_generated_sonnets
 
 
 def starter_split(path):
@@ -47,13 +48,15 @@ def test_real_file_shapes():
 
 
 def test_generated_roundtrip_and_starter_layout(tmp_path):
-    items = [(0, "Shall I compare thee\nto a summer's day?"), (7, "Line one,\n  line two.")]
-    path = write_generated_sonnets(tmp_path / "out" / "gen.txt", items)
+    texts = ["Shall I compare thee\nto a summer's day?", "Line one,\n  line two."]
+    path = write_generated_sonnets(tmp_path / "out" / "gen.txt", texts)
     raw = path.read_text()
     assert raw == ("--Generated Sonnets-- \n\n" "\n0\nShall I compare thee\nto a summer's day?\n\n"
-                   "\n7\nLine one,\n  line two.\n\n")
-    assert read_generated_sonnets(path) == items
-    assert [t for _, t in items] == starter_split(path)
+                   "\n1\nLine one,\n  line two.\n\n")
+    assert read_generated_sonnets(path) == list(enumerate(texts))
+    assert texts == starter_split(path)
+    with pytest.raises(TypeError, match="prompt order"):
+        write_generated_sonnets(tmp_path / "bad.txt", [(145, "numbered by the caller")])
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
@@ -68,7 +71,7 @@ def test_bad_files_name_file_and_line(tmp_path):
     p.write_text("Sonnets\n\n1\n\ntext\n")
     with pytest.raises(ValueError, match="bad.txt, line 1: expected the header"):
         read_generated_sonnets(p)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(DataError, match="missing.txt: no such file"):
         read_sonnets(tmp_path / "missing.txt")
 
 

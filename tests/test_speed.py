@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from common.errors import UserError
 import torch
 import torch.nn.functional as F
 
@@ -83,6 +85,12 @@ def _args(*argv):
         ["--no_progress", "--lr", "1e-2", "--warmup_ratio", "0", *argv])
 
 
+def _train_config(*argv):
+    from training.cli import build_configs
+
+    return build_configs(_args(*argv)).train
+
+
 def _loss_curve(tmp_path, *argv, steps=3):
     """Per-step training losses (read after the run) of a tiny LM through Trainer.train_epoch."""
     model, task = _tiny_lm(), _lm_task(n=4 * steps)
@@ -95,12 +103,9 @@ def _loss_curve(tmp_path, *argv, steps=3):
         return loss, tokens
 
     task.loss = recording_loss
-    args = _args("--batch_size", "4", *argv)
-    tr = Trainer(model, task, args, torch.device("cpu"), tmp_path)
-    opt = trainer_module.make_optimizer(model, args.lr, 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    tr.train_epoch(0, opt, sched, scaler, torch.Generator().manual_seed(0))
+    tr = Trainer(model, task, _train_config("--batch_size", "4", "--lr_schedule", "constant", *argv),
+                 torch.device("cpu"), tmp_path)
+    tr.train_epoch(tr._make_state())
     return torch.stack([x.float() for x in losses]), model
 
 
@@ -128,7 +133,7 @@ def test_no_host_sync_inside_training_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "bucketed_batches", bucketing_then_count)
     _loss_curve(tmp_path, "--max_grad_norm", "1.0", steps=6)
-    assert calls == ["item"], calls  # the read-back after the last batch, nothing per step
+    assert calls == ["tolist"], calls  # the one read-back after the last batch, nothing per step
 
 
 def test_bf16_autocast_loss_tracks_fp32(tmp_path):
@@ -192,7 +197,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             torch.testing.assert_close(out["preds"], single["preds"], rtol=1e-5, atol=1e-5)
             assert out["losses"] == pytest.approx(single["losses"], rel=1e-5)
         events = [json.loads(line) for line in (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
-        assert [e["event"] for e in events] == ["start", "scale", "epoch", "epoch", "done"]  # one writer
+        assert [e["event"] for e in events if e["event"] != "step"] == ["start", "scale", "epoch", "epoch", "done"]
+        assert sum(e["event"] == "step" for e in events) == 2  # one writer: one step record per epoch here
         scale = events[1]
         assert (scale["world_size"], scale["effective_batch"], scale["engine"]) == (2, 4, engine)
         assert all(e["dev"]["n_predictions"] == speed_worker.N_EXAMPLES for e in events if e["event"] == "epoch")
@@ -203,15 +209,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 def test_fsdp_needs_torchrun():
     from training.cli import check_common_args
 
-    with pytest.raises(SystemExit, match="--fsdp shards the model over several processes"):
+    with pytest.raises(UserError, match="--fsdp: shards the model over several processes"):
         check_common_args(_args("--fsdp"))
-    with pytest.raises(SystemExit, match="--peak_flops must be > 0"):
+    with pytest.raises(UserError, match="--peak_flops: must be > 0"):
         check_common_args(_args("--peak_flops", "0"))
 
 
 def test_mfu_logged_with_peak_flops(tmp_path):
     model, task = _tiny_lm(), _lm_task(n=8)
-    Trainer(model, task, _args("--batch_size", "4", "--epochs", "1", "--peak_flops", "1e10"),
+    Trainer(model, task, _train_config("--batch_size", "4", "--epochs", "1", "--peak_flops", "1e10"),
             torch.device("cpu"), tmp_path).fit()
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epoch = next(e for e in events if e["event"] == "epoch")
@@ -221,15 +227,20 @@ def test_mfu_logged_with_peak_flops(tmp_path):
     assert next(e for e in events if e["event"] == "scale")["peak_flops"] == 1e10
 
 
-def test_pack_sequences_keeps_every_token_in_order():
-    from training.batching import pack_sequences
+def test_sequence_packing_keeps_every_token_in_order():
+    """The one packer (lm.corpus) as sonnet_generation --pack_sequences uses it: EOS-joined, blocks,
+    the short tail kept as a last block."""
+    from lm.corpus import join_documents, pack_blocks
 
     seqs = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
-    blocks = pack_sequences(seqs, 0, 4)
-    assert blocks == [[1, 2, 3, 0], [4, 0, 5, 6], [7, 8, 9, 0]]
-    assert pack_sequences(seqs, 0, 5)[-1] == [9, 0]  # the last block may be shorter
+    blocks, tail = pack_blocks(join_documents(seqs, 0), 4)
+    assert blocks.tolist() == [[1, 2, 3, 0], [4, 0, 5, 6], [7, 8, 9, 0]] and tail == []
+    blocks, tail = pack_blocks(join_documents(seqs, 0), 5)
+    assert blocks.tolist() == [[1, 2, 3, 0, 4], [0, 5, 6, 7, 8]] and tail == [9, 0]
+    blocks, tail = pack_blocks(join_documents(seqs[:1], 0), 8, allow_empty=True)
+    assert blocks.shape == (0, 8) and tail == [1, 2, 3, 0]
     with pytest.raises(ValueError, match="block_size"):
-        pack_sequences(seqs, 0, 1)
+        pack_blocks(join_documents(seqs, 0), 1)
 
 
 def test_sonnet_generation_with_packing(tmp_path, tokenizer_dir):

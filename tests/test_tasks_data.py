@@ -7,6 +7,7 @@ import pytest
 
 from conftest import CS224N_DATA, SHARED_DATA
 from cs224n_files import write_quora, write_sentiment
+from starter import needs_starter, writer
 from tasks.data import (NO_TOKEN_ID, PARAPHRASE_HEADER, SENTIMENT_HEADER, YES_TOKEN_ID, DataError, read_paraphrase,
                         read_predictions, read_sentiment, write_paraphrase_predictions, write_sentiment_predictions)
 
@@ -80,7 +81,7 @@ def test_missing_file_and_bad_quora(tmp_path):
 
 
 def test_sonnet_file_without_sonnets(tmp_path):
-    from evaluation.sonnets import read_sonnets
+    from tasks.sonnets import read_sonnets
 
     with pytest.raises(ValueError, match="no sonnet found"):
         read_sonnets(_bad(tmp_path, "Sonnets\nby nobody\n"))
@@ -88,18 +89,47 @@ def test_sonnet_file_without_sonnets(tmp_path):
 
 def test_prediction_writers_exact_format_and_row_check(tmp_path):
     path = write_sentiment_predictions(tmp_path / "s.csv", ["a", "b"], [3, 0], expected_rows=2)
-    assert path.read_text() == "id \t Predicted_Sentiment \na , 3 \nb , 0 \n"
+    assert path.read_text() == "id \t Predicted_Sentiment \na, 3 \nb, 0 \n"
     assert read_predictions(path, SENTIMENT_HEADER, range(5)) == [("a", 3), ("b", 0)]
     with pytest.raises(ValueError, match="2 predictions for 3 input rows"):
         write_sentiment_predictions(tmp_path / "t.csv", ["a", "b"], [1, 1], expected_rows=3)
     assert not (tmp_path / "t.csv").exists()
     p = write_paraphrase_predictions(tmp_path / "p.csv", ["x", "y"], [YES_TOKEN_ID, NO_TOKEN_ID], expected_rows=2)
-    assert p.read_text() == "id \t Predicted_Is_Paraphrase \nx , 8505 \ny , 3919 \n"
+    assert p.read_text() == "id \t Predicted_Is_Paraphrase \nx, 8505 \ny, 3919 \n"
     with pytest.raises(ValueError, match="must be 8505 or 3919"):
         write_paraphrase_predictions(tmp_path / "q.csv", ["x"], [1])
-    (tmp_path / "r.csv").write_text("id \t Predicted_Is_Paraphrase \nx , 8505\n")
+    with pytest.raises(ValueError, match="without spaces or commas"):
+        write_sentiment_predictions(tmp_path / "q.csv", ["a b"], [1])
+    (tmp_path / "r.csv").write_text("id \t Predicted_Is_Paraphrase \nx, 8505\n")
     with pytest.raises(DataError, match="r.csv, line 2"):
         read_predictions(tmp_path / "r.csv", PARAPHRASE_HEADER, (YES_TOKEN_ID, NO_TOKEN_ID))
+    (tmp_path / "m.csv").write_text("id \t Predicted_Is_Paraphrase \nx , 8505 \n")  # minBERT's row format
+    with pytest.raises(DataError, match="m.csv, line 2: .*space before the comma"):
+        read_predictions(tmp_path / "m.csv", PARAPHRASE_HEADER, (YES_TOKEN_ID, NO_TOKEN_ID))
+    (tmp_path / "w.csv").write_bytes(b"id \t Predicted_Sentiment \r\na, 3 \r\n")  # the starter on Windows
+    assert read_predictions(tmp_path / "w.csv", SENTIMENT_HEADER, range(5)) == [("a", 3)]
+
+
+@needs_starter
+@pytest.mark.parametrize("script,flag,ids,preds,header", [
+    ("classifier.py", "dev_out", "dev_sent_ids", "dev_pred", SENTIMENT_HEADER),
+    ("classifier.py", "test_out", "test_sent_ids", "test_pred", SENTIMENT_HEADER),
+    ("paraphrase_detection.py", "para_dev_out", "dev_para_sent_ids", "dev_para_y_pred", PARAPHRASE_HEADER),
+    ("paraphrase_detection.py", "para_test_out", "test_para_sent_ids", "test_para_y_pred", PARAPHRASE_HEADER)])
+def test_prediction_files_are_byte_identical_to_the_starters(tmp_path, script, flag, ids, preds, header):
+    """The starter's own writing code (run from its script) and ours give the same bytes, and our
+    reader reads the starter's file back."""
+    import numpy as np
+
+    sent_ids = ["a7d575c9ed86ea9633660c67e", "33cfa32975091f471e3a19656", "0f"]
+    values = [8505, 3919, 8505] if header == PARAPHRASE_HEADER else [3, 0, 4]
+    theirs = writer(script, flag)(tmp_path / "theirs.csv", **{ids: sent_ids, preds: list(np.array(values)),
+                                                               "dev_acc": 0.5})
+    write = write_paraphrase_predictions if header == PARAPHRASE_HEADER else write_sentiment_predictions
+    ours = write(tmp_path / "ours.csv", sent_ids, values, expected_rows=3)
+    assert ours.read_bytes() == theirs.read_bytes()
+    allowed = (YES_TOKEN_ID, NO_TOKEN_ID) if header == PARAPHRASE_HEADER else range(5)
+    assert read_predictions(theirs, header, allowed) == list(zip(sent_ids, values))
 
 
 needs_real_data = pytest.mark.skipif(not CS224N_DATA.is_dir() and not os.environ.get("CI"),
@@ -108,7 +138,7 @@ needs_real_data = pytest.mark.skipif(not CS224N_DATA.is_dir() and not os.environ
 
 @needs_real_data
 def test_real_cs224n_files_row_counts():
-    from evaluation.sonnets import read_sonnets
+    from tasks.sonnets import read_sonnets
 
     d = CS224N_DATA
     counts = [len(read_sentiment(d / f"ids-sst-{s}.csv", 5, labeled=s != "test-student"))

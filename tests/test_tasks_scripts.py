@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+
+from common.errors import ConfigError, UserError
 import torch
 
 from cs224n_files import keyword_sentiment, quora_pairs, sonnet_text, write_quora, write_sentiment, write_sonnets
+from starter import assert_starter_layout
 from tasks.data import NO_TOKEN_ID, PARAPHRASE_HEADER, SENTIMENT_HEADER, YES_TOKEN_ID, read_predictions
 
 FAST = ["--model_size", "tiny", "--no_progress", "--batch_size", "8"]
@@ -41,6 +44,7 @@ def test_classifier_end_to_end_both_datasets(tmp_path, tokenizer_dir):
             assert [r[0] for r in rows] == [line.split("\t")[1 if split == "dev" else 2]
                                             for line in open(src).read().splitlines()[1:]]
             assert len(rows) == n
+            assert_starter_layout(path, tmp_path)
     assert (tmp_path / "run" / "sst" / "metrics.jsonl").is_file()
     assert (tmp_path / "run" / "cfimdb" / "best.pt").is_file()
 
@@ -64,7 +68,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tokenizer_dir):
     full = classifier.main(classifier_args(tmp_path / "a", tokenizer_dir, *common))
     assert classifier.main(classifier_args(tmp_path / "b", tokenizer_dir, *common, "--stop_after_epoch", "1")) == {}
     assert not (tmp_path / "b" / "pred").exists()
-    with pytest.raises(SystemExit, match="--lr: saved 0.001, now 0.002"):
+    with pytest.raises(UserError, match="--lr: saved 0.001, now 0.002"):
         classifier.main(classifier_args(tmp_path / "b", tokenizer_dir, *common, "--lr", "2e-3",
                                         "--resume", str(tmp_path / "b" / "run")))
     resumed = classifier.main(classifier_args(tmp_path / "b", tokenizer_dir, *common, "--resume", str(tmp_path / "b" / "run")))
@@ -94,6 +98,7 @@ def test_paraphrase_end_to_end(tmp_path, tokenizer_dir):
     for path, n, pairs in ((out_dev, 10, quora_pairs(10, 2)), (out_test, 7, quora_pairs(7, 3))):
         rows = read_predictions(path, PARAPHRASE_HEADER, (YES_TOKEN_ID, NO_TOKEN_ID))
         assert [r[0] for r in rows] == [p[0] for p in pairs] and len(rows) == n
+        assert_starter_layout(path, tmp_path)
 
 
 def test_paraphrase_prompt_and_truncation(tokenizer_dir):
@@ -112,7 +117,7 @@ def test_paraphrase_prompt_and_truncation(tokenizer_dir):
 
 def test_sonnet_end_to_end(tmp_path, tokenizer_dir):
     import sonnet_generation as sg
-    from evaluation.sonnets import read_generated_sonnets
+    from tasks.sonnets import read_generated_sonnets
 
     rng = random.Random(0)
     train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 7)])
@@ -129,10 +134,11 @@ def test_sonnet_end_to_end(tmp_path, tokenizer_dir):
     metrics = sg.main(args)
     assert metrics["loss"] > 0 and 0 <= metrics["chrf"] <= 100
     written = read_generated_sonnets(out)
-    assert [n for n, _ in written] == [145, 146]
+    assert [n for n, _ in written] == [0, 1]  # the starter's 0-based index
     assert all(text.startswith(prompt) for (_, text), (_, prompt) in zip(written, test_prompts))
-    assert out.read_text().startswith("--Generated Sonnets-- \n\n\n145\n")
-    assert [n for n, _ in read_generated_sonnets(dev_out)] == [132, 133, 134]
+    assert out.read_text().startswith("--Generated Sonnets-- \n\n\n0\n")
+    assert_starter_layout(out, tmp_path)
+    assert [n for n, _ in read_generated_sonnets(dev_out)] == [0, 1, 2]
     # The same seed gives the same sonnets, also when the best epoch is chosen by dev loss.
     # The same seed gives the same sonnets (one epoch: the best epoch is the same whatever selects it).
     first = out.read_text()
@@ -142,17 +148,21 @@ def test_sonnet_end_to_end(tmp_path, tokenizer_dir):
 
 def test_sonnet_decoding_flags():
     import sonnet_generation as sg
+    from training.cli import generation_config
 
-    assert sg.generation_kwargs(sg.parse_args(["--decoding", "top-k-p", "--top_k", "5"])) == dict(
+    assert generation_config(sg.parse_args(["--decoding", "top-k-p", "--top_k", "5"])).kwargs() == dict(
         repetition_penalty=1.0, no_repeat_ngram_size=0, do_sample=True, temperature=1.2, top_k=5, top_p=0.9)
-    assert sg.generation_kwargs(sg.parse_args(["--decoding", "beam", "--num_beams", "3"]))["num_beams"] == 3
-    for bad in (["--decoding", "top-k"], ["--top_k", "5"], ["--decoding", "beam"], ["--num_beams", "2"]):
-        with pytest.raises(SystemExit):
-            sg.parse_args(bad)
+    assert generation_config(sg.parse_args(["--decoding", "beam", "--num_beams", "3"])).kwargs()["num_beams"] == 3
+    for bad, field in ((["--decoding", "top-k"], "top_k"), (["--top_k", "5"], "top_k"),
+                       (["--decoding", "beam"], "num_beams"), (["--num_beams", "2"], "num_beams"),
+                       (["--top_p", "0"], "top_p"), (["--temperature", "nan"], "temperature"),
+                       (["--max_new_tokens", "0"], "max_new_tokens")):
+        with pytest.raises(ConfigError, match=f"^{field}"):
+            generation_config(sg.parse_args(bad))
 
 
 def test_classifier_truncation_keeps_the_end(tokenizer_dir):
-    from classifier import encode_texts
+    from tasks.sentiment import encode_texts
     from models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_dir))

@@ -30,7 +30,7 @@ def test_resolution_order(tokenizer_dir, tmp_path, monkeypatch):
 
 
 def test_bad_directories_are_named(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="--tokenizer .*vocab.json and merges.txt"):
+    with pytest.raises(FileNotFoundError, match="tokenizer directory .*vocab.json and merges.txt"):
         resolve_tokenizer_dir(str(tmp_path))
     monkeypatch.setenv(TOKENIZER_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=TOKENIZER_ENV):

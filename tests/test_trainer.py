@@ -9,15 +9,20 @@ import pytest
 import torch
 from torch import nn
 
+from common.errors import CheckpointError, UserError
+from common.params import count_parameters
 from training import checkpoint
 from training.batching import bucketed_batches, pad_right, sorted_batches
-from training.build import count_parameters, select_device
-from training.cli import add_common_args
+from training.cli import add_common_args, build_configs, resolve_device
 from training.trainer import Trainer, TrainTask, linear_schedule, make_optimizer
 
 
 def common_args(*argv):
     return add_common_args(argparse.ArgumentParser()).parse_args(["--no_progress", *argv])
+
+
+def train_config(*argv):
+    return build_configs(common_args(*argv)).train
 
 
 def test_linear_warmup_then_decay():
@@ -66,9 +71,9 @@ def test_checkpoint_atomic_and_weights_only(tmp_path):
     checkpoint.set_rng_state(loaded["rng"], gen)
     assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item()) == draws
     torch.save({"evil": argparse.Namespace(x=1)}, tmp_path / "pickle.pt")
-    with pytest.raises(Exception, match="(?i)weights.only"):
+    with pytest.raises(CheckpointError, match="(?i)weights.only"):
         checkpoint.load(tmp_path / "pickle.pt")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
 
 
@@ -77,11 +82,11 @@ def _regression_fit(tmp_path, *argv):
     x, w = torch.randn(8, 3), torch.tensor([[1.0], [-2.0], [0.5]])
     y = x @ w
     model = nn.Linear(3, 1)
-    args = common_args("--lr", "0.05", "--warmup_ratio", "0", "--max_grad_norm", "0", *argv)
+    cfg = train_config("--lr", "0.05", "--warmup_ratio", "0", "--max_grad_norm", "0", *argv)
     task = TrainTask("reg", [4] * 8, lambda idx: {"x": x[idx], "y": y[idx]},
                      lambda m, b: (nn.functional.mse_loss(m(b["x"]), b["y"]), len(b["x"])),
                      lambda m: {"mse": nn.functional.mse_loss(m(x), y).item()}, metric="mse", higher_is_better=False)
-    result = Trainer(model, task, args, torch.device("cpu"), tmp_path).fit()
+    result = Trainer(model, task, cfg, torch.device("cpu"), tmp_path).fit()
     return model, result
 
 
@@ -95,16 +100,20 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path):
 
 def test_device_and_precision_flags():
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--use_gpu was given but no CUDA device"):
-            select_device(True)
-    assert select_device(False).type == "cpu"
+        with pytest.raises(UserError, match="--device cuda .*no CUDA device"):
+            resolve_device("cuda")
+        assert resolve_device("auto").type == "cpu"
+    assert resolve_device("cpu").type == "cpu"
+    assert build_configs(common_args("--use_gpu")).device == "cuda"  # the starter's flag is --device cuda
+    with pytest.raises(UserError, match="device: 'tpu'"):
+        build_configs(common_args("--device", "tpu"))
     with pytest.raises(SystemExit):
         common_args("--precision", "fp8")
 
 
 def test_a_used_run_directory_is_not_overwritten(tmp_path):
     _regression_fit(tmp_path, "--epochs", "1")
-    with pytest.raises(SystemExit, match="already holds a run's checkpoints"):
+    with pytest.raises(UserError, match="already holds a run's checkpoints"):
         _regression_fit(tmp_path, "--epochs", "1")
     model, result = _regression_fit(tmp_path, "--epochs", "1", "--resume", str(tmp_path))  # finished: loads best
     assert result.best_epoch == 1 and not result.interrupted

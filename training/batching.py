@@ -38,14 +38,3 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, :len(s)] = 1
     return ids, mask
-
-
-def pack_sequences(sequences: list[list[int]], separator_id: int, block_size: int) -> list[list[int]]:
-    """Sequence packing for language modelling, as in GPT-2's pre-training (and nanoGPT): every
-    sequence followed by `separator_id` (EOS), all concatenated, cut into blocks of `block_size`
-    tokens (the last block may be shorter).  No padding is left to compute on; attention crosses
-    the separators, so a document sees the end of the previous one as context."""
-    if block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {block_size}")
-    stream = [t for s in sequences for t in (*s, separator_id)]
-    return [stream[i:i + block_size] for i in range(0, len(stream), block_size)]

@@ -40,40 +40,44 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_from_env(use_gpu: bool) -> torch.device:
-    """Join the process group torchrun describes in the environment; returns this rank's device."""
-    if use_gpu:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise SystemExit(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices; "
-                             f"lower torchrun's --nproc_per_node")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if env_world_size() > 1 and not dist.is_initialized():
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes in the environment; returns this rank's device
+    (`cuda` becomes cuda:LOCAL_RANK under torchrun).  Without torchrun: `device` itself."""
+    from common.errors import UserError
+
+    world = env_world_size()
+    if device.type == "cuda":
+        if world > 1:
+            if device.index is not None:
+                raise UserError(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda")
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices; "
+                                f"lower torchrun's --nproc_per_node")
+            device = torch.device("cuda", local)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
         for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise SystemExit(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but ${var} is unset; "
-                                 f"start the script with torchrun --nproc_per_node N")
+                raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but ${var} is unset; "
+                                f"start the script with torchrun --nproc_per_node N")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(minutes=30))
-        _rank0_print(dist.get_rank() == 0)
     return device
 
 
-def _rank0_print(main: bool) -> None:
-    """Only rank 0 prints (as torchvision's `setup_for_distributed`); `print(..., force=True)` prints anywhere."""
-    import builtins
-
-    original = builtins.print
-
-    def rank0_print(*args, force: bool = False, **kwargs):
-        if main or force:
-            original(*args, **kwargs)
-
-    builtins.print = rank0_print
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (e.g. the run directory it created); `obj` itself in one process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown() -> None:

@@ -11,21 +11,21 @@ place into OUR modules: the model keeps its class and methods (`generate`, `lm_h
 peft's `modules_to_save`.  `merge_lora` folds the adapters into the base weights with peft's
 `merge_and_unload` for inference and generation.
 
-Layer freezing (`freeze`) is one mechanism for every mode, including the classifier's
+Layer freezing (`freeze_parameters`) is one mechanism for every mode, including the classifier's
 `last-linear-layer` (= `all-but-head`).  Gradient checkpointing (Chen et al., 2016, "Training Deep
 Nets with Sublinear Memory Cost") recomputes each transformer layer in the backward pass instead of
 storing its activations (`GPT2Model.gradient_checkpointing`).
 
-Everything is reachable from the command line of every training script through
-`add_efficiency_args` (called by `training.cli.add_common_args`) and `prepare_model` (called by the
-shared `Trainer`).
+Everything is reachable from the command line of every training script: the flags live in
+`training/cli.py`, become an `EfficiencyConfig` (training/config.py) and reach `prepare_model`
+through the shared `Trainer`.
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -68,10 +68,10 @@ def resolve_lora_targets(spec: str | Sequence[str]) -> list[str]:
         elif item in LORA_MODULES.values():
             chosen.add(next(k for k, v in LORA_MODULES.items() if v == item))
         else:
-            raise ValueError(f"--lora_targets: unknown target {item!r}; use groups {sorted(LORA_TARGET_GROUPS)} "
+            raise ValueError(f"lora_targets: unknown target {item!r}; use groups {sorted(LORA_TARGET_GROUPS)} "
                              f"or layers {list(LORA_MODULES)}, comma-separated")
     if not chosen:
-        raise ValueError("--lora_targets: no target given")
+        raise ValueError("lora_targets: no target given")
     return [LORA_MODULES[k] for k in LORA_MODULES if k in chosen]
 
 
@@ -123,11 +123,11 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: floa
     if lora_settings(model) is not None or any(n.endswith(".lora_A") for n, _ in model.named_modules()):
         raise ValueError("the model already has LoRA adapters")
     if r < 1:
-        raise ValueError(f"--lora_r must be >= 1, got {r}")
+        raise ValueError(f"lora_r must be >= 1, got {r}")
     if alpha <= 0:
-        raise ValueError(f"--lora_alpha must be > 0, got {alpha}")
+        raise ValueError(f"lora_alpha must be > 0, got {alpha}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"--lora_dropout must be in [0, 1), got {dropout}")
+        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
     settings = LoraSettings(r=int(r), alpha=float(alpha), dropout=float(dropout),
                             targets=resolve_lora_targets(targets), modules_to_save=list(modules_to_save or []))
     names = {n for n, _ in model.named_modules()}
@@ -214,8 +214,42 @@ def load_model_state(model: nn.Module, state: dict) -> None:
         model.load_state_dict(state)
 
 
+PEFT_PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model
+
+
+def save_peft_adapter(state: dict, directory, base_model: str = "") -> Path:
+    """An `adapter_state` checkpoint in peft's own format: `adapter_config.json` (a LoraConfig) and
+    `adapter_model.safetensors` (the tensors under PeftModel's names), which
+    `peft.PeftModel.from_pretrained(model, directory)` restores on the model the adapters were
+    trained on (the same class, with the base weights; `base_model` is recorded as
+    base_model_name_or_path).  Written into a temporary directory, then renamed."""
+    import shutil
+    import tempfile
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if state.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"not a LoRA adapter checkpoint (format {state.get('format')!r})")
+    lora = LoraSettings(**state["lora"])
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
+                        modules_to_save=lora.modules_to_save or None, bias="none", base_model_name_or_path=base_model)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        config.save_pretrained(str(tmp))
+        tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state["tensors"].items()}
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
 # ---- freezing ---------------------------------------------------------------------------------
-def freeze(model: nn.Module, mode: str, n_layers: Optional[int] = None,
+def freeze_parameters(model: nn.Module, mode: str, n_layers: Optional[int] = None,
            head: Optional[Iterable[str]] = None) -> list[str]:
     """Set `requires_grad=False` on a part of the model; returns the names of the frozen parameters.
 
@@ -226,18 +260,18 @@ def freeze(model: nn.Module, mode: str, n_layers: Optional[int] = None,
     Freezing only ever turns gradients off, and it freezes LoRA adapters inside frozen layers too.
     """
     if mode not in FREEZE_MODES:
-        raise ValueError(f"--freeze must be one of {FREEZE_MODES}, got {mode!r}")
+        raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {mode!r}")
     if mode == "none":
         return []
     if mode == "all-but-head":
         heads = list(head if head is not None else getattr(model, "head_modules", ()))
         if not heads:
-            raise ValueError(f"--freeze all-but-head: {type(model).__name__} has no separate head (an LM's output "
+            raise ValueError(f"freeze all-but-head: {type(model).__name__} has no separate head (an LM's output "
                              f"layer is its tied input embedding); use embeddings, first-half or first-n")
         names = {n for n, _ in model.named_modules()}
         for h in heads:
             if h not in names:
-                raise ValueError(f"--freeze all-but-head: {type(model).__name__} has no module {h!r}")
+                raise ValueError(f"freeze all-but-head: {type(model).__name__} has no module {h!r}")
         modules = [model]
         skip = tuple(f"{h}." for h in heads)
     else:
@@ -247,7 +281,7 @@ def freeze(model: nn.Module, mode: str, n_layers: Optional[int] = None,
             n_layers = n_total // 2
         elif mode == "first-n":
             if n_layers is None or not 1 <= n_layers <= n_total:
-                raise ValueError(f"--freeze first-n needs --freeze_layers N with 1 <= N <= {n_total}, got {n_layers}")
+                raise ValueError(f"freeze first-n needs freeze_layers N with 1 <= N <= {n_total}, got {n_layers}")
         else:
             n_layers = 0
         modules = [backbone.word_embedding, backbone.pos_embedding, *backbone.gpt_layers[:n_layers]]
@@ -275,7 +309,7 @@ def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> None:
             module.gradient_checkpointing = enabled
             found = True
     if not found:
-        raise TypeError(f"--grad_checkpointing: {type(model).__name__} contains no GPT2Model")
+        raise TypeError(f"grad_checkpointing: {type(model).__name__} contains no GPT2Model")
 
 
 # ---- accounting -------------------------------------------------------------------------------
@@ -314,70 +348,52 @@ def format_report(report: dict) -> str:
             f"({report['trainable_pct']:.3f}%); {what} {report['peak_memory_bytes'] / 2**30:.2f} GiB")
 
 
-# ---- command line -----------------------------------------------------------------------------
-def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("parameter- and memory-efficient fine-tuning")
-    g.add_argument("--peft", choices=["none", "lora"], default="none",
-                   help="lora: freeze the base model and train peft LoRA adapters (plus the task head, if any); "
-                        "checkpoints then hold only adapters, head and LoRA hyper-parameters")
-    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank r")
-    g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha / r")
-    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
-    g.add_argument("--lora_targets", type=str, default="attn",
-                   help="layers to adapt, comma-separated: groups qv, qkv, attn (q,k,v,out), mlp, all, or layers "
-                        + ", ".join(LORA_MODULES))
-    g.add_argument("--merge_lora", action="store_true",
-                   help="after training, merge the adapters into the weights (W + alpha/r * B A) for prediction "
-                        "and generation")
-    g.add_argument("--freeze", choices=list(FREEZE_MODES), default="none",
-                   help="freeze part of the model: embeddings; first-half (embeddings + first half of the layers); "
-                        "first-n (embeddings + first --freeze_layers layers); all-but-head (train the task head only)")
-    g.add_argument("--freeze_layers", type=int, default=None, metavar="N", help="layers frozen by --freeze first-n")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute each transformer layer in the backward pass: less activation memory, ~1/3 "
-                        "more compute")
+def as_frozen(model: nn.Module) -> nn.Module:
+    """Eval mode (no dropout) and no gradients, in place: a teacher or a reference model."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
-def check_efficiency_args(args: argparse.Namespace) -> None:
-    """Reject inconsistent values with a message naming the flag."""
-    lora = args.peft == "lora"
-    if lora:
-        if args.lora_r < 1:
-            raise SystemExit(f"--lora_r must be >= 1, got {args.lora_r}")
-        if args.lora_alpha <= 0:
-            raise SystemExit(f"--lora_alpha must be > 0, got {args.lora_alpha}")
-        if not 0 <= args.lora_dropout < 1:
-            raise SystemExit(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-        try:
-            resolve_lora_targets(args.lora_targets)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        if args.freeze == "all-but-head":
-            raise SystemExit("--peft lora with --freeze all-but-head would freeze every adapter; drop one of them")
-    elif args.merge_lora:
-        raise SystemExit("--merge_lora needs --peft lora")
-    if (args.freeze == "first-n") != (args.freeze_layers is not None):
-        raise SystemExit("--freeze_layers N goes with --freeze first-n (and --freeze first-n needs --freeze_layers)")
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of `model` as it is now (e.g. the initial model a KL term stays close to)."""
+    import copy
+
+    return as_frozen(copy.deepcopy(model))
 
 
-def prepare_model(model: nn.Module, args: argparse.Namespace, head: Optional[Iterable[str]] = None) -> dict:
-    """Apply `--peft`, `--freeze` and `--grad_checkpointing` to `model` (in place, once); returns the
-    settings applied.  `head` (default: `model.head_modules`) names the task head modules that train
-    alongside LoRA adapters and that `--freeze all-but-head` keeps trainable."""
+# ---- applying a configuration ------------------------------------------------------------------
+def prepare_model(model: nn.Module, cfg, head: Optional[Iterable[str]] = None) -> dict:
+    """Apply an `EfficiencyConfig` (peft, freeze, grad_checkpointing) to `model`, in place and once;
+    returns the settings applied.  `head` (default: `model.head_modules`) names the task head modules
+    that train alongside LoRA adapters and that freeze all-but-head keeps trainable."""
+    from common.errors import ConfigError
+
     done = model.__dict__.get("_efficiency_prepared")
     if done is not None:
         return done
     heads = list(head if head is not None else getattr(model, "head_modules", ()))
-    applied = {"peft": getattr(args, "peft", "none"), "freeze": getattr(args, "freeze", "none"),
-               "grad_checkpointing": bool(getattr(args, "grad_checkpointing", False))}
-    if applied["peft"] == "lora":
-        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, modules_to_save=heads)
+    applied = {"peft": cfg.peft, "freeze": cfg.freeze, "grad_checkpointing": bool(cfg.grad_checkpointing),
+               "merge_lora": bool(cfg.merge_lora), "qat": getattr(cfg, "qat", "none")}
+    if cfg.peft != "none" and getattr(_backbone(model), "quantization", None) is not None:
+        raise ConfigError("peft", "the model is quantized (a quantize.py output): its weights are integer buffers "
+                          "that adapters cannot wrap; fine-tune the fp32 model, with --qat to prepare it for quantizing")
+    if applied["qat"] != "none":  # before LoRA: the adapters wrap the fake-quantized layers
+        from models.quant.qat import prepare_qat, qat_spec
+
+        try:
+            prepare_qat(_backbone(model), qat_spec(cfg.qat, cfg.qat_group_size))
+        except ValueError as exc:
+            raise ConfigError("qat_group_size" if "group" in str(exc) else "qat", str(exc)) from None
+        applied["qat_group_size"] = cfg.qat_group_size if cfg.qat == "int4" else None
+    if cfg.peft == "lora":
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, modules_to_save=heads)
         applied["lora"] = lora_settings(model).to_dict()
-    frozen = freeze(model, applied["freeze"], getattr(args, "freeze_layers", None), head=heads)
+    frozen = freeze_parameters(model, cfg.freeze, cfg.freeze_layers, head=heads)
     applied["frozen_tensors"] = len(frozen)
-    if applied["peft"] == "lora" and not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
-        raise SystemExit(f"--freeze {applied['freeze']} froze every LoRA adapter (--lora_targets {args.lora_targets}); "
-                         f"freeze fewer layers or adapt other ones")
+    if cfg.peft == "lora" and not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
+        raise ConfigError("freeze", f"{cfg.freeze} froze every LoRA adapter (lora_targets {cfg.lora_targets}); "
+                          f"freeze fewer layers or adapt other ones")
     if applied["grad_checkpointing"]:
         set_grad_checkpointing(model, True)
     model.__dict__["_efficiency_prepared"] = applied

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 import torch
 
 from training.batching import pad_right, sorted_batches
-from training.build import autocast
+from common.precision import autocast
 from training.distributed import sharded_inference
 
 

@@ -9,7 +9,6 @@ MFU = achieved model FLOPs/s ÷ the device's peak for the dtype the matmuls run 
 """
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 import torch
@@ -82,15 +81,3 @@ def peak_flops(device: torch.device, precision: str, override: Optional[float] =
 def mfu(tokens_per_s: float, tokens_flops: float, peak: Optional[float]) -> Optional[float]:
     """Model-FLOPs utilisation in [0, 1], or None without a peak."""
     return tokens_per_s * tokens_flops / peak if peak else None
-
-
-def add_speed_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("speed and scale")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model for training (first steps are slow while it compiles)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard parameters, gradients and optimiser state over the ranks "
-                        "(FSDP2 fully_shard per GPT2Layer) instead of replicating them (DDP)")
-    g.add_argument("--peak_flops", type=float, default=None,
-                   help="peak FLOP/s of one device for MFU (default: a table of known GPUs; on the CPU "
-                        "no MFU is reported unless this is given)")

@@ -127,9 +127,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if not sample and (top_k or (top_p is not None and top_p < 1.0) or temperature not in (0.0, 1.0)):
         warnings.warn("temperature/top_k/top_p only apply when sampling (do_sample=True, temperature > 0); "
                       "decoding greedily", stacklevel=2)
-    if compile and any(p != "dense" for p in model.gpt.layer_patterns) and config.attention_backend == "flex":
-        raise ValueError("compile=True needs fixed-shape masks; the FlexAttention backend builds a BlockMask per "
-                         "step: set attention_backend to 'sdpa' or 'auto' for compiled decoding")
+    if (compile and any(p != "dense" for p in model.gpt.layer_patterns)
+            and config.attention_backend in ("flex", "sparse")):
+        raise ValueError(f"compile=True needs fixed-shape masks; attention_backend {config.attention_backend!r} "
+                         f"builds a BlockMask / SparseLayout per step: set attention_backend to 'sdpa' or 'auto' "
+                         f"for compiled decoding")
     if assistant_model is not None:
         _check_assistant(model, assistant_model, num_beams, num_assistant_tokens, repetition_penalty,
                          no_repeat_ngram_size, compile)

@@ -8,8 +8,9 @@ step needs is built once, in `__init__`:
 
 * the attention mask of every step: one `build_attention_mask` call for all decode queries at
   once, (B|1, 1, n_steps, S); step t reads row t - 1 (a view in eager mode).  Without padding
-  and with dense attention no mask exists at all (SDPA over the filled slots).  Layers on the
-  block-sparse FlexAttention path (`attention_backend="flex"`) get their BlockMask per step;
+  and with dense attention no mask exists at all (SDPA over the filled slots).  Sparse layers
+  whose path (`modules.attention_patterns.choose_path`; one-token decoding under "auto" is SDPA)
+  is FlexAttention or the sparse gather path get their BlockMask / SparseLayout per step;
 * the position of every step (B|1, n_steps): `cumsum(mask) - 1` of the next slot;
 * the KV cache of `batch_size` rows and S = P + max_new_tokens - 1 slots (the last new token is
   never fed back), and on `FUSE_QKV_DEVICES` the fused q/k/v projections
@@ -33,7 +34,7 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from modules.attention import build_attention_mask
-from modules.attention_patterns import use_flex
+from modules.attention_patterns import choose_path
 
 HEAD_CHUNK = {"cpu": 1024}  # vocabulary rows per matmul of the output layer; devices not listed: one matmul
 # Up to this many rows the output layer multiplies by an input-major (D, V) copy of the embedding
@@ -82,6 +83,21 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
 def clear_head_cache() -> None:
     """Free the input-major embedding copies kept by `lm_logits` (gpt2: 154 MB per model)."""
     _input_major.clear()
+
+
+def step_masks(gpt, key_valid: Optional[torch.Tensor], num_queries: int, start: int, device: torch.device,
+               patterns=None) -> dict:
+    """The masks of a cached forward of `num_queries` tokens at slots start.. (one per pattern of
+    `patterns`, default every layer's), each of the type of its path (`choose_path`); `key_valid`
+    (B, start + num_queries) marks the slots that may be attended to (None: all)."""
+    cfg, S = gpt.config, start + num_queries
+    masks = {}
+    for p in set(gpt.layer_patterns) if patterns is None else patterns:
+        path = choose_path(cfg.attention_backend, p, device, num_queries, S, cfg.attention_window,
+                           cfg.attention_global_tokens, dropout_active=False, cached=True)
+        masks[p] = build_attention_mask(key_valid, num_queries, start, device, pattern=p, window=cfg.attention_window,
+                                        path=path, global_tokens=cfg.attention_global_tokens)
+    return masks
 
 
 def _static_step(gpt, tokens, t_index, slot, positions, tables):
@@ -134,16 +150,19 @@ class Decoder:
         else:
             first = torch.full((1, 1), prompt_len, dtype=torch.long, device=device)
         self.positions = first + torch.arange(self.n_steps, device=device)  # (B|1, n_steps)
-        self.flex = {p for p in set(self.gpt.layer_patterns)
-                     if p != "dense" and use_flex(cfg.attention_backend, device, dropout_active=False, cached=True)}
+        # Patterns whose one-token path is not SDPA: a BlockMask / SparseLayout per step.
+        self.per_step = {p for p in set(self.gpt.layer_patterns)
+                         if choose_path(cfg.attention_backend, p, device, 1, self.slots, cfg.attention_window,
+                                        cfg.attention_global_tokens, dropout_active=False, cached=True) != "sdpa"}
         self.key_valid = key_valid
         self.tables = {}  # pattern -> (B|1, 1, n_steps, S) bool
-        for p in set(self.gpt.layer_patterns) - self.flex:
+        for p in set(self.gpt.layer_patterns) - self.per_step:
             if p == "dense" and key_valid is None and not compile:
                 continue  # no mask: SDPA attends over the filled slots
             if self.n_steps:
                 self.tables[p] = build_attention_mask(key_valid, self.n_steps, prompt_len, device, pattern=p,
-                                                      window=cfg.attention_window)[0]
+                                                      window=cfg.attention_window,
+                                                      global_tokens=cfg.attention_global_tokens)[0]
 
     def prefill(self, input_ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Prompts (B, P) into cache rows 0..B-1; logits of the first new token (B, V).  `mask` is
@@ -174,10 +193,9 @@ class Decoder:
                                                      self.tables)
             return logits.clone() if self.device.type == "cuda" else logits
         masks = {p: (table[:, :, t - 1:t, :slot + 1], False) for p, table in self.tables.items()}
-        for p in self.flex:
+        if self.per_step:
             valid = None if self.key_valid is None else self.key_valid[:, :slot + 1]
-            masks[p] = build_attention_mask(valid, 1, slot, self.device, pattern=p,
-                                            window=self.model.config.attention_window, block_sparse=True)
+            masks.update(step_masks(self.gpt, valid, 1, slot, self.device, self.per_step))
         masks.setdefault("dense", (None, False))
         h = self.gpt.encode_with_masks(tokens, self.positions[:, t - 1:t], masks, cache_start=slot)  # (R, 1, D)
         return lm_logits(self.gpt, h[:, -1])

@@ -25,24 +25,17 @@ from typing import Optional
 
 import torch
 
-from models.generation.decoder import FUSE_QKV_DEVICES, lm_logits
+from models.generation.decoder import FUSE_QKV_DEVICES, lm_logits, step_masks
 from models.generation.processors import LogitsSettings, NEG_INF, warp
 from models.generation.sampling import StopRules
-from modules.attention import build_attention_mask
-from modules.attention_patterns import use_flex
 
 
 def _forward(gpt, tokens: torch.Tensor, positions: torch.Tensor, start: int,
              key_valid: Optional[torch.Tensor]) -> torch.Tensor:
     """tokens (B, T) at cache slots start..start+T-1 -> hidden states (B, T, D); `key_valid`
     (B, >= start + T) marks the slots that may be attended to (None: all)."""
-    T, end = tokens.size(1), start + tokens.size(1)
-    cfg, device = gpt.config, tokens.device
-    masks = {}
-    for p in set(gpt.layer_patterns):
-        flex = p != "dense" and use_flex(cfg.attention_backend, device, dropout_active=False, cached=True)
-        masks[p] = build_attention_mask(None if key_valid is None else key_valid[:, :end], T, start, device,
-                                        pattern=p, window=cfg.attention_window, block_sparse=flex)
+    end = start + tokens.size(1)
+    masks = step_masks(gpt, None if key_valid is None else key_valid[:, :end], tokens.size(1), start, tokens.device)
     return gpt.encode_with_masks(tokens, positions, masks, cache_start=start)
 
 

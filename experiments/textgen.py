@@ -1,0 +1,207 @@
+"""Prompt -> text for generate.py: which model a checkpoint argument means, batched completion of
+plain prompts with `model.generate` (models/generation.py), and token streaming.
+
+* `resolve_model(model_size, checkpoint)`: a preset / hub name / HF directory, optionally with a
+  trainer run's weights (a run directory or its best.pt/last.pt, LoRA runs included); a run's base
+  model and its architecture overrides (sparse attention) are read from the run's metrics.jsonl
+  `start` record when no model is named.
+* `complete(...)`: left-padded batches, one seeded generator for the whole call, each row's
+  continuation cut at its first EOS; the same prompts, seed and batch size give the same text.
+* Streaming.  `generate()` has no token callback today, so `StreamingLM` observes the decode
+  through a standard forward pre-hook on the model's token embedding, installed only for the
+  duration of one `generate` call: every decode step feeds the token chosen at the previous step
+  through that embedding, which `TokenStream` decodes and prints (holding back a partial UTF-8
+  character).  The tokens streamed are compared with what `generate` returns at the end (any
+  difference is an error, never a silently different text), and the last token is printed then.
+  Batch size 1, greedy or sampling (beam search picks its tokens only at the end).  Once
+  `generate()` grows a callback, `on_token(tokens: (B,) LongTensor)` called right after each
+  step's tokens are chosen, `TokenStream.put` is that callback and the hook goes away.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from common.errors import ConfigError
+from common.io import read_jsonl_log
+from common.precision import autocast
+from models.generation import left_pad
+
+
+@dataclass
+class ModelSource:
+    spec: str  # what from_name_or_path loads
+    checkpoint: Optional[str]  # trainer weights loaded on top (run dir or .pt)
+    random_init: bool
+    overrides: dict  # GPT2Config overrides the run was trained with (sparse attention)
+    tokenizer: Optional[str]  # an explicit tokenizer directory (the flag's, else the run's)
+    model_dir: Optional[str]  # a model directory that may hold the tokenizer files
+
+
+def run_model_config(checkpoint: str | Path) -> Optional[dict]:
+    """The ModelConfig (as a dict) a trainer run was built with, from its metrics.jsonl start record."""
+    path = Path(checkpoint)
+    directory = path if path.is_dir() else path.parent
+    log = directory / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    for record in read_jsonl_log(log):
+        if record.get("event") == "start" and isinstance((record.get("run") or {}).get("model"), dict):
+            return record["run"]["model"]
+    return None
+
+
+def resolve_model(model_size: Optional[str], checkpoint: Optional[str], random_init: bool = False,
+                  tokenizer: Optional[str] = None, overrides: Optional[dict] = None) -> ModelSource:
+    """What to load for `--model_size` / `--checkpoint` (see the module docstring).  A run's
+    architecture overrides (sparse attention) apply whenever its log says them; flags given win."""
+    from training.config import ModelConfig
+
+    overrides = dict(overrides or {})
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise ConfigError("checkpoint", f"{checkpoint}: no such run directory or checkpoint file")
+    saved = run_model_config(checkpoint) if checkpoint is not None else None
+    cfg = ModelConfig(**{k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}) if saved else None
+    arch = {k: v for k, v in cfg.overrides().items() if not k.endswith("dropout_prob")} if cfg else {}
+    if model_size is None and checkpoint is not None:
+        if cfg is None:
+            raise ConfigError("model_size", f"{checkpoint} has no metrics.jsonl saying which model it trained; name "
+                              f"the base model with model_size")
+        return ModelSource(cfg.spec, checkpoint, cfg.random_init, {**arch, **overrides}, tokenizer or cfg.tokenizer,
+                           None if cfg.random_init else cfg.spec)
+    spec = model_size or "gpt2"
+    return ModelSource(spec, checkpoint, random_init, {**arch, **overrides}, tokenizer, None if random_init else spec)
+
+
+def prompt_budget(context: int, max_new_tokens: int, max_length: Optional[int] = None) -> int:
+    budget = min(context - max_new_tokens, max_length or math.inf)
+    if budget < 1:
+        raise ConfigError("max_new_tokens", f"{max_new_tokens} leaves no room for a prompt in the model's {context} "
+                          f"positions; lower it")
+    return int(budget)
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, seed: int,
+             device: torch.device, precision: str = "fp32", generate_kwargs: Optional[dict] = None,
+             max_length: Optional[int] = None, report: Callable[[str], None] = print) -> list[str]:
+    """The continuation (text after the prompt, up to EOS) of every prompt.  A prompt longer than the
+    budget keeps its end; an empty prompt starts from <|endoftext|> (unconditional samples)."""
+    eos = tokenizer.eos_token_id
+    budget = prompt_budget(model.config.max_position_embeddings, max_new_tokens, max_length)
+    seqs = [s or [eos] for s in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    cut = [i for i, s in enumerate(seqs) if len(s) > budget]
+    if cut:
+        report(f"{len(cut)} prompt(s) longer than {budget} tokens keep their last {budget} tokens: prompts {cut[:5]}")
+    seqs = [s[-budget:] for s in seqs]
+    generator = torch.Generator(device).manual_seed(seed)
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = left_pad(seqs[start:start + batch_size], eos)
+        with autocast(device, precision):
+            result = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos, pad_token_id=eos, generator=generator,
+                                    **(generate_kwargs or {}))
+        for row in result[:, ids.shape[1]:].tolist():
+            out.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row))
+    return out
+
+
+class TokenStream:
+    """Prints the tokens of one row as they are chosen, decoded incrementally."""
+
+    def __init__(self, tokenizer, write: Optional[Callable[[str], None]] = None,
+                 flush: Optional[Callable[[], None]] = None):
+        self.tokenizer = tokenizer
+        self._write = write or (lambda text: sys.stdout.write(text))  # sys.stdout as it is when printing
+        self._flush = flush or (lambda: sys.stdout.flush())
+        self.stop_ids = {tokenizer.eos_token_id}
+        self.begin()
+
+    def begin(self) -> None:
+        self.tokens: list[int] = []
+        self.printed, self.finished, self.prefilled = "", False, False
+
+    def hook(self, module, inputs) -> None:
+        """Forward pre-hook of the token embedding: the first call of a generate is the prompt, each
+        later one feeds the token chosen at the previous step."""
+        if not self.prefilled:
+            self.prefilled = True
+            return
+        self.put(inputs[0][:, -1])
+
+    def put(self, tokens: torch.Tensor) -> None:
+        """The token just chosen for the (single) row, (1,) or a scalar."""
+        if self.finished:
+            return
+        token = int(tokens.reshape(-1)[0])
+        if token in self.stop_ids:
+            self.finished = True
+            return
+        self.tokens.append(token)
+        self._show()
+
+    def _show(self, final: bool = False) -> None:
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd") and not final:
+            return  # part of a multi-byte character: wait for the rest
+        self._write(text[len(self.printed):])
+        self._flush()
+        self.printed = text
+
+    def end(self, new_tokens: list[int]) -> None:
+        """After generate: check the streamed tokens against the result and print what is left."""
+        stop = next((i for i, t in enumerate(new_tokens) if t in self.stop_ids), len(new_tokens))
+        result = new_tokens[:stop]
+        if result[:len(self.tokens)] != self.tokens:
+            raise RuntimeError("streamed tokens differ from the tokens generate() returned; models.generation fed "
+                               "the model other tokens than the chosen ones (speculative decoding?): run without "
+                               "--stream")
+        for token in result[len(self.tokens):]:
+            self.tokens.append(token)
+        self._show(final=True)
+        self.finished = True
+
+
+class StreamingLM:
+    """The parts of a GPT2LMHeadModel that completion code calls (`config`, `generate`), streaming row 0
+    of every generate call through `stream`; `on_begin(i)` is called before the i-th call."""
+
+    def __init__(self, model, stream: TokenStream, on_begin: Callable[[int], None] = lambda i: None):
+        self.model, self.stream, self.on_begin, self.calls = model, stream, on_begin, 0
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        if input_ids.shape[0] != 1:
+            raise ConfigError("batch_size", f"streaming prints one row at a time; got {input_ids.shape[0]} rows: "
+                              f"use batch_size 1")
+        if kwargs.get("num_beams", 1) > 1:
+            raise ConfigError("decoding", "beam search chooses its tokens only at the end; it cannot stream")
+        self.on_begin(self.calls)
+        self.calls += 1
+        self.stream.begin()
+        handle = self.model.backbone.word_embedding.register_forward_pre_hook(self.stream.hook)
+        try:
+            out = self.model.generate(input_ids, attention_mask, **kwargs)
+        finally:
+            handle.remove()
+        self.stream.end(out[0, input_ids.shape[1]:].tolist())
+        return out
+
+
+def load_for_generation(source: ModelSource, device: torch.device):
+    """(model in eval mode on `device`, tokenizer) of a ModelSource."""
+    from models.gpt2 import GPT2LMHeadModel
+    from models.tokenizer import load_tokenizer
+    from training.checkpoint import load_model
+
+    model = load_model(GPT2LMHeadModel, source.spec, source.checkpoint, source.random_init, **source.overrides)
+    return model.to(device).eval(), load_tokenizer(source.tokenizer, source.model_dir)

@@ -1,0 +1,72 @@
+"""Completing sonnet prompts with `model.generate` (models/generation.py), as the CS224N sonnet task
+needs: batched and left-padded, reproducible (an own seeded generator), every row stopping at the end
+of its 14th line (its continuation holds 14 - prompt lines + 1 newlines), at EOS, or after
+`max_new_tokens`.
+
+Every prompt gets the same budget whatever the batch: a prompt longer than the context minus
+`max_new_tokens` keeps its END (the lines the continuation follows) and the number cut is reported,
+so that a long prompt never shortens the others' room and the output does not depend on the batch
+size.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from common.precision import autocast
+from models.generation import left_pad, newline_counts
+
+SONNET_LINES = 14
+
+
+class SonnetWriter:
+    """Completes sonnet prompts with `model.generate`; `generate_kwargs` come from a GenerationConfig."""
+
+    def __init__(self, tokenizer, device: torch.device, *, batch_size: int, max_new_tokens: int, seed: int,
+                 precision: str = "fp32", generate_kwargs: Optional[dict] = None,
+                 report: Callable[[str], None] = print):
+        self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
+        self.max_new_tokens, self.seed, self.precision = max_new_tokens, seed, precision
+        self.kwargs = dict(generate_kwargs or {})
+        self.newlines = newline_counts(tokenizer).to(device)
+        self.report = report
+
+    def prompt_budget(self, context: int) -> int:
+        """The longest prompt (tokens) that leaves `max_new_tokens` of room in a `context`-token model."""
+        return context - self.max_new_tokens
+
+    def encode(self, prompts: list[str], context: int) -> list[list[int]]:
+        budget = self.prompt_budget(context)
+        if budget < 1:
+            raise ValueError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in the model's "
+                             f"{context} positions; lower max_new_tokens")
+        seqs = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        cut = [i for i, s in enumerate(seqs) if len(s) > budget]
+        if cut:
+            self.report(f"[sonnet] {len(cut)} prompt(s) longer than {budget} tokens (context {context} - "
+                        f"max_new_tokens {self.max_new_tokens}) keep their last {budget} tokens: prompts {cut[:5]}")
+        return [s[-budget:] if len(s) > budget else s for s in seqs]
+
+    @torch.no_grad()
+    def complete(self, model, prompts: list[str]) -> list[str]:
+        tok = self.tokenizer
+        context = model.config.max_position_embeddings
+        seqs = self.encode(prompts, context)
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk, chunk_ids = prompts[start:start + self.batch_size], seqs[start:start + self.batch_size]
+            ids, mask = left_pad(chunk_ids, tok.eos_token_id)
+            stops = torch.tensor([max(1, SONNET_LINES - p.count("\n")) for p in chunk], device=self.device)
+            with autocast(self.device, self.precision):
+                result = model.generate(ids.to(self.device), mask.to(self.device), max_new_tokens=self.max_new_tokens,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                                        generator=generator, stop_newlines=stops, newline_counts=self.newlines,
+                                        **self.kwargs)
+            for prompt, row in zip(chunk, result[:, ids.shape[1]:].tolist()):
+                new = tok.decode([t for t in row if t != tok.eos_token_id])
+                out.append((prompt + new).rstrip())
+        if len(out) != len(prompts):
+            raise RuntimeError(f"{len(out)} sonnets completed for {len(prompts)} prompts")
+        return out
