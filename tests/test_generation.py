@@ -273,3 +273,15 @@ def test_sparse_attention_generation_equals_uncached_greedy(backend):
         assert out[i, -12:].tolist() == uncached_greedy(model, prompt, 12)[-12:]
     draft = GPT2LMHeadModel(GPT2Config.from_name("tiny", vocab_size=64, num_hidden_layers=1)).eval()
     assert torch.equal(model.generate(ids, mask, max_new_tokens=12, pad_token_id=PAD, assistant_model=draft), out)
+
+
+@pytest.mark.parametrize("kwargs", [dict(eos_token_id=6), dict(do_sample=True, top_p=0.9, eos_token_id=35)])
+def test_on_token_sees_each_step_as_returned(small_vocab, kwargs):
+    ours, _ = small_vocab
+    ids, mask = left_pad(PROMPTS, PAD)
+    seen = []
+    out = ours.generate(ids, mask, max_new_tokens=16, pad_token_id=PAD, generator=torch.Generator().manual_seed(0),
+                        on_token=lambda t: seen.append(t.clone()), **kwargs)
+    assert torch.equal(torch.stack(seen, 1), out[:, ids.shape[1]:])
+    with pytest.raises(ValueError, match="on_token"):
+        ours.generate(ids, mask, num_beams=2, max_new_tokens=4, pad_token_id=PAD, on_token=seen.append)

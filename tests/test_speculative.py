@@ -154,3 +154,18 @@ def test_assistant_errors(models, tmp_path):
                             (dict(assistant_model=good, num_assistant_tokens=0), "num_assistant_tokens")):
         with pytest.raises(ValueError, match=message):
             target.generate(ids, max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("draft_kind", ["good", "unrelated"])
+@pytest.mark.parametrize("kwargs", [dict(eos_token_id=6), dict(do_sample=True, top_k=20, eos_token_id=10)])
+def test_on_token_sees_the_returned_tokens_in_order(models, draft_kind, kwargs):
+    """Rows commit different numbers of tokens per verify step and finish at different times:
+    on_token still gets each new-token index once, in order, with pad for finished rows."""
+    target, good, other = models
+    ids, mask = left_pad(PROMPTS, PAD)
+    seen = []
+    out = target.generate(ids, mask, max_new_tokens=20, pad_token_id=PAD, assistant_model=good if draft_kind == "good"
+                          else other, generator=torch.Generator().manual_seed(0), on_token=lambda t: seen.append(t.clone()),
+                          **kwargs)
+    assert torch.equal(torch.stack(seen, 1), out[:, ids.shape[1]:])
+    assert bool((out[:, ids.shape[1]:] == PAD).any())  # some row finished early: the pad case is exercised

@@ -26,7 +26,7 @@ step at which the last row finished.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              stop_newlines: Union[None, int, torch.Tensor] = None,
              newline_counts: Optional[torch.Tensor] = None,
              compile: bool = False, assistant_model=None, num_assistant_tokens: int = 4,
-             stats: Optional[dict] = None) -> torch.Tensor:
+             stats: Optional[dict] = None,
+             on_token: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """Continue LEFT-padded prompts `input_ids` (B, T_in); returns (B, T_in + n_new) token ids.
 
     Arguments mean what they mean in transformers' `generate`.  `eos_token_id=None` means no EOS
@@ -96,8 +97,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     on a GPU).  `assistant_model` (a GPT2LMHeadModel with the same vocabulary) turns on
     speculative decoding: it proposes `num_assistant_tokens` tokens, the model verifies them in
     one forward.  `stats`, a dict, receives counts of the run (`new_tokens`; with an assistant
-    also `target_forwards`, `draft_tokens`, `accepted_tokens`, `acceptance_rate`, `compactions`).  The models run in eval mode
-    (dropout off) and are put back in their previous modes afterwards.
+    also `target_forwards`, `draft_tokens`, `accepted_tokens`, `acceptance_rate`, `compactions`).
+    `on_token(tokens)` is called once per new-token index, in order, with the (B,) LongTensor of
+    that index's tokens as soon as every row's is known (`pad_token_id` for finished rows;
+    speculative decoding calls it for each committed index after a verify step; where the stop
+    check runs every few steps (`STOP_CHECK_EVERY`) up to that many trailing calls may be all
+    padding); not with beam search, whose tokens are known only at the end.  The models run in eval mode (dropout off)
+    and are put back in their previous modes afterwards.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -132,6 +138,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         raise ValueError(f"compile=True needs fixed-shape masks; attention_backend {config.attention_backend!r} "
                          f"builds a BlockMask / SparseLayout per step: set attention_backend to 'sdpa' or 'auto' "
                          f"for compiled decoding")
+    if on_token is not None and num_beams > 1:
+        raise ValueError("on_token: beam search chooses its tokens only at the end; use num_beams=1")
     if assistant_model is not None:
         _check_assistant(model, assistant_model, num_beams, num_assistant_tokens, repetition_penalty,
                          no_repeat_ngram_size, compile)
@@ -179,7 +187,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     try:
         if assistant_model is not None:
             out, run = speculative_decode(model, assistant_model, input_ids, mask, max_new_tokens, settings, rules,
-                                          generator, num_assistant_tokens)
+                                          generator, num_assistant_tokens, on_token)
         elif num_beams > 1:
             out = beam_search(model, input_ids, mask, max_new_tokens, num_beams=num_beams,
                               length_penalty=length_penalty, early_stopping=early_stopping, settings=settings,
@@ -187,7 +195,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             run = {}
         else:
             out = decode(model, input_ids, mask, max_new_tokens, settings, rules, generator, check_every,
-                         compile=compile)
+                         compile=compile, on_token=on_token)
             run = {}
     finally:
         for m, training in zip(models, modes):

@@ -9,7 +9,7 @@ last row finished, so the result does not depend on how often it looks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -76,8 +76,10 @@ def decode_step(decoder: Decoder, state: DecodeState, t: int, settings: LogitsSe
 
 def decode(model, input_ids: torch.Tensor, mask: Optional[torch.Tensor], max_new_tokens: int,
            settings: LogitsSettings, rules: StopRules, generator: Optional[torch.Generator],
-           check_every: int, compile: bool = False) -> torch.Tensor:
-    """Greedy (settings.sample False) or sampling; (B, P) -> (B, P + n_new)."""
+           check_every: int, compile: bool = False,
+           on_token: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """Greedy (settings.sample False) or sampling; (B, P) -> (B, P + n_new).  `on_token` gets each
+    step's (B,) tokens right after they are chosen."""
     B, P = input_ids.shape
     device = input_ids.device
     tokens = torch.full((B, P + max_new_tokens), rules.pad, dtype=torch.long, device=device)
@@ -95,6 +97,8 @@ def decode(model, input_ids: torch.Tensor, mask: Optional[torch.Tensor], max_new
         steps = 0
         for t in range(max_new_tokens):
             decode_step(decoder, state, t, settings, rules, generator, logits if t == 0 else None)
+            if on_token is not None:
+                on_token(state.tokens[:, P + t])
             steps = t + 1
             if rules.active and (t + 1) % check_every == 0 and not bool(state.unfinished.any()):
                 break

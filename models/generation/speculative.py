@@ -21,7 +21,7 @@ is d_k, which the draft had proposed but not yet cached.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -70,8 +70,9 @@ def _compact(models, key_valid: torch.Tensor, slot_tokens: torch.Tensor, s: int)
 
 def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[torch.Tensor], max_new_tokens: int,
                        settings: LogitsSettings, rules: StopRules, generator: Optional[torch.Generator],
-                       k: int) -> tuple[torch.Tensor, dict]:
-    """(B, P) prompts -> ((B, P + n_new) tokens, statistics of the run)."""
+                       k: int, on_token: Optional[Callable[[torch.Tensor], None]] = None) -> tuple[torch.Tensor, dict]:
+    """(B, P) prompts -> ((B, P + n_new) tokens, statistics of the run).  `on_token` gets the (B,)
+    tokens of each new-token index once every row has committed it (pad for finished rows)."""
     B, P = input_ids.shape
     device = input_ids.device
     slots = P + max_new_tokens + 2 * (k + 1)
@@ -89,6 +90,13 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
     newlines = torch.zeros(B, dtype=torch.long, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     n_iter = drafted = accepted = compactions = 0
+    emitted = 0  # new-token indices passed to on_token
+
+    def emit(upto: int) -> None:  # indices emitted..upto-1, every row's final token (pad past a row's end)
+        nonlocal emitted
+        for j in range(emitted, upto):
+            on_token(out[:, j].masked_fill(n_out <= j, rules.pad))
+        emitted = max(emitted, upto)
 
     for m in (model, draft):
         m.setup_kv_cache(B, slots)
@@ -184,12 +192,16 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
             unfinished &= ~ends
             if not bool(unfinished.any()):
                 break
+            if on_token is not None:
+                emit(int(n_out[unfinished].min()))
             s += 1 + int(n_acc[unfinished].max())
     finally:
         for m in (model, draft):
             m.clear_kv_cache()
             m.unfuse_qkv()
     width = int(n_out.max())
+    if on_token is not None:
+        emit(width)
     new = out[:, :width].masked_fill(torch.arange(width, device=device)[None, :] >= n_out[:, None], rules.pad)
     stats = {"target_forwards": n_iter + 1, "draft_tokens": drafted, "accepted_tokens": accepted,
              "acceptance_rate": accepted / drafted if drafted else float("nan"), "compactions": compactions}
