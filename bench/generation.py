@@ -30,6 +30,7 @@ per-decode-step time by op for ours and transformers (prefill subtracted).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -145,10 +146,11 @@ def nucleus_sizes(model, ids, mask) -> tuple[float, int, int]:
     return float(n.float().median()), int(n.min()), int(n.max())
 
 
-def run_row(engines: dict, device, repeats: int) -> dict[str, dict[str, float]]:
-    """Median wall and CPU (process) seconds of each engine, runs interleaved, one untimed warm-up
-    each.  With one torch thread the CPU time is what an engine costs on a shared machine; the
-    wall time also counts the time other jobs held the core."""
+def run_row(engines: dict, device, repeats: int) -> dict[str, dict]:
+    """Median wall and CPU (process) seconds of each engine, runs interleaved (round-robin), one
+    untimed warm-up each; the per-round times are kept under "rounds" for per-round ratios.  With
+    one torch thread the CPU time is what an engine costs on a shared machine; the wall time also
+    counts the time other jobs held the core."""
     times = {name: {"wall": [], "cpu": []} for name in engines}
     for i in range(repeats + 1):
         for name, fn in engines.items():
@@ -159,7 +161,15 @@ def run_row(engines: dict, device, repeats: int) -> dict[str, dict[str, float]]:
             if i:
                 times[name]["wall"].append(time.perf_counter() - t0)
                 times[name]["cpu"].append(time.process_time() - c0)
-    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    return {name: {**{k: statistics.median(v) for k, v in t.items()}, "rounds": t} for name, t in times.items()}
+
+
+def speedup(t: dict, a: str, b: str, key: str = "cpu") -> str:
+    """How many times faster engine a is than b: the median over rounds of b's time / a's time
+    (both ran in the same round, so load changes between rounds cancel)."""
+    if a not in t or b not in t:
+        return "-"
+    return f"{statistics.median(tb / ta for ta, tb in zip(t[a]['rounds'][key], t[b]['rounds'][key])):.2f}"
 
 
 def row_engines(row, models, ids, mask, wanted, device, args):
@@ -203,7 +213,8 @@ def main(argv=None) -> None:
         models[dist] = (ours, hf)
     if args.profile:
         return profile(models["peaked"], ids[:args.batch], mask[:args.batch], args)
-    header = f"{args.model_size} (random weights), prompts: {source}, {machine_description(device)}"
+    header = (f"{args.model_size} (random weights), prompts: {source}, {machine_description(device)}, "
+              f"load average {os.getloadavg()[0]:.1f} at start")
     print(header)
     for dist, (ours, _) in models.items():
         print(f"{dist}: top-p {TOP_P} nucleus size median/min/max = {nucleus_sizes(ours, ids, mask)}")
@@ -212,17 +223,19 @@ def main(argv=None) -> None:
         engines, tokens = row_engines(row, models, ids, mask, wanted, device, args)
         t = run_row(engines, device, args.repeats if row[2] * row[3] <= 12 * 64 or row[1] != "beam" else 1)
         if "starter" in t:  # one prompt at a time: the batch takes `batch` times as long
-            t["starter"] = {k: v * row[2] for k, v in t["starter"].items()}
+            st = t["starter"]
+            t["starter"] = {"wall": st["wall"] * row[2], "cpu": st["cpu"] * row[2],
+                            "rounds": {k: [x * row[2] for x in v] for k, v in st["rounds"].items()}}
         tps = {k: tokens / v["wall"] for k, v in t.items()}
         cpu = {k: tokens / v["cpu"] for k, v in t.items()}
         table.append([*map(str, row), *(f"{tps[e]:.1f}" if e in tps else "-" for e in ENGINES),
-                      *(ratio(cpu, e, "transformers") for e in ("eager", "compiled")), ratio(tps, "eager", "transformers"),
-                      ratio(cpu, "eager", "starter")])
+                      *(speedup(t, e, "transformers") for e in ("eager", "compiled")),
+                      speedup(t, "eager", "transformers", "wall"), speedup(t, "eager", "starter")])
         payload["rows"].append({"row": row, "seconds": t, "tokens_per_s": tps, "tokens_per_cpu_s": cpu})
         print(markdown_table(HEADER, table[-1:]).splitlines()[-1], flush=True)
     if "speculative" in wanted:
         table += speculative_rows(models.get("peaked") or next(iter(models.values())), ids, mask, device, args, payload)
-    print("\n" + header + "\n")
+    print("\n" + header + f" ({os.getloadavg()[0]:.1f} at the end)\n")
     print(markdown_table(HEADER, table))
     print("wrote", write_results(args.out or f"generation-{args.device}", payload))
 
@@ -231,10 +244,6 @@ ENGINES = ("eager", "compiled", "transformers", "starter")
 HEADER = ["dist", "decoding", "batch", "new", "eager tok/s", "compiled tok/s", "transformers tok/s",
           "starter tok/s", "eager / HF (CPU time)", "compiled / HF (CPU time)", "eager / HF (wall)",
           "eager / starter (CPU time)"]
-
-
-def ratio(tps: dict, a: str, b: str) -> str:
-    return f"{tps[a] / tps[b]:.2f}" if a in tps and b in tps else "-"
 
 
 def speculative_rows(pair, ids, mask, device, args, payload) -> list[list[str]]:
@@ -260,9 +269,10 @@ def speculative_rows(pair, ids, mask, device, args, payload) -> list[list[str]]:
                  f"acceptance {stats['acceptance_rate']:.2f})")
         rows.append(["peaked*", label, "1", str(n), f"{tps['speculative']:.1f}", "-",
                      f"{tps['transformers assisted']:.1f} (assisted)", "-",
-                     ratio(cpu, "speculative", "transformers assisted"), "-", ratio(tps, "speculative", "transformers assisted"),
-                     f"{ratio(cpu, 'speculative', 'greedy')} x our greedy ({tps['greedy']:.1f} tok/s), "
-                     f"{ratio(cpu, 'speculative', 'transformers')} x HF greedy; tokens == greedy: {same}"])
+                     speedup(t, "speculative", "transformers assisted"), "-",
+                     speedup(t, "speculative", "transformers assisted", "wall"),
+                     f"{speedup(t, 'speculative', 'greedy')} x our greedy ({tps['greedy']:.1f} tok/s), "
+                     f"{speedup(t, 'speculative', 'transformers')} x HF greedy; tokens == greedy: {same}"])
         payload["rows"].append({"row": ["speculative", n], "seconds": t, "tokens_per_s": tps, "tokens_per_cpu_s": cpu,
                                 "stats": dict(stats), "identical_to_greedy": same})
         print(markdown_table(HEADER, rows[-1:]).splitlines()[-1], flush=True)

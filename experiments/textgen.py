@@ -1,5 +1,5 @@
 """Prompt -> text for generate.py: which model a checkpoint argument means, batched completion of
-plain prompts with `model.generate` (models/generation.py), and token streaming.
+plain prompts with `model.generate` (models/generation/), and token streaming.
 
 * `resolve_model(model_size, checkpoint)`: a preset / hub name / HF directory, optionally with a
   trainer run's weights (a run directory or its best.pt/last.pt, LoRA runs included); a run's base

@@ -1,4 +1,4 @@
-"""Completing sonnet prompts with `model.generate` (models/generation.py), as the CS224N sonnet task
+"""Completing sonnet prompts with `model.generate` (models/generation/), as the CS224N sonnet task
 needs: batched and left-padded, reproducible (an own seeded generator), every row stopping at the end
 of its 14th line (its continuation holds 14 - prompt lines + 1 newlines), at EOS, or after
 `max_new_tokens`.
