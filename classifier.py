@@ -23,11 +23,13 @@ import torch.nn.functional as F
 
 from evaluation.metrics import accuracy_macro_f1
 from models.gpt2 import GPT2Model
+from objectives.smart import smart_objective
 from tasks.data import read_sentiment, write_sentiment_predictions
 from tasks.leaderboard import PREDICTIONS_DIR, sentiment_file
+from tasks.run_outputs import write_class_outputs
 from tasks.sentiment import DATASETS, FINE_TUNE_MODES, GPT2SentimentClassifier, encode_texts
 from training.batching import pad_right
-from training.cli import UsageError, add_common_args, check_file_flags, entry_point
+from training.cli import UsageError, add_common_args, add_smart_args, check_file_flags, entry_point, smart_config
 from training.distributed import is_main
 from training.inference import batched_inference
 from training.runner import ScriptRun
@@ -48,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(f"--{name}_{split}", default=f"data/ids-{name}-{file}.csv", help=f"{name.upper()} {split} file")
     p.add_argument("--predictions_dir", default=PREDICTIONS_DIR,
                    help="where {mode}-{dataset}-{dev,test}-out.csv are written")
+    add_smart_args(p)
     add_common_args(p, epochs=10, batch_size=8, lr=1e-3)
     args = p.parse_args(argv)
     if args.fine_tune_mode == "last-linear-layer":
@@ -92,18 +95,26 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
         ids, mask = pad_right([seqs["train"][i] for i in indices], pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum())}
 
+    smart = smart_objective(smart_config(args), lambda m, b: m(b["input_ids"], b["attention_mask"]))
+
     def loss_fn(model, batch):
+        if smart is not None:  # --smart_lambda / --bregman_mu: SMART's terms on the same clean logits
+            logits, penalty, logs = smart.forward(model, batch)
+            return F.cross_entropy(logits.float(), batch["labels"]) + penalty, batch["tokens"], logs
         logits = model(batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits.float(), batch["labels"]), batch["tokens"]
 
+    def class_logits(model, split) -> torch.Tensor:
+        return batched_inference(seqs[split], run.cfg.train.batch_size, pad_id, run.device, precision, model)
+
     def predict(model, split) -> list[int]:
-        logits = batched_inference(seqs[split], run.cfg.train.batch_size, pad_id, run.device, precision, model)
-        return logits.argmax(-1).tolist()
+        return class_logits(model, split).argmax(-1).tolist()
 
     def evaluate(model):
         return accuracy_macro_f1(predict(model, "dev"), [e.label for e in splits["dev"]], num_labels)
 
-    task = TrainTask(name, [len(s) for s in seqs["train"]], make_batch, loss_fn, evaluate, metric="accuracy")
+    task = TrainTask(name, [len(s) for s in seqs["train"]], make_batch, loss_fn, evaluate, metric="accuracy",
+                     callbacks=[smart] if smart else [])
     trainer = run.trainer(model, task, sub=name)
     trainer.log.write("truncation", truncated=truncation, max_length=max_length)
     result = run.fit(model, task, sub=name, trainer=trainer)  # + --export_hf DIR/{name}
@@ -111,11 +122,14 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
         return None
     model.eval()
     for split in ("dev", "test"):
-        preds = predict(model, split)
+        logits = class_logits(model, split)
+        preds = logits.argmax(-1).tolist()
         path = Path(args.predictions_dir) / sentiment_file(args.fine_tune_mode, name, split)
         if is_main():  # under torchrun every rank holds all the gathered predictions; rank 0 writes
             write_sentiment_predictions(path, [e.id for e in splits[split]], preds, expected_rows=len(splits[split]))
             run.say(f"[{name}] wrote {len(preds)} {split} predictions to {path}")
+            write_class_outputs(run.run_dir, name, split, path.name, [e.id for e in splits[split]],
+                                logits.softmax(-1), [e.label for e in splits[split]])  # for ensemble.py
     dev = result.best_metrics
     run.say(f"[{name}] best epoch {result.best_epoch}: dev accuracy {dev['accuracy']:.4f}, dev macro F1 {dev['f1']:.4f}")
     return dev
@@ -123,6 +137,7 @@ def run_dataset(name: str, run: ScriptRun, args: argparse.Namespace, splits: dic
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    smart_config(args)  # checked before any work
     check_file_flags(*file_flags(args))
     run = ScriptRun.start("classifier", args, resume_free=OUTPUT_FLAGS,
                           data=[f"{name}_{split}" for name in args.datasets for split in ("train", "dev")])

@@ -37,11 +37,13 @@ from common.errors import DataError
 from distillation import synthetic
 from evaluation.metrics import accuracy_binary_f1
 from models.gpt2 import GPT2LMHeadModel
+from objectives.smart import smart_objective
 from tasks.data import read_paraphrase, write_paraphrase_predictions
 from tasks.leaderboard import default_path, paraphrase_file
+from tasks.run_outputs import write_class_outputs
 from tasks.paraphrase import LABEL_TOKENS, encode_pairs, two_way_logits
 from training.batching import pad_right
-from training.cli import UsageError, add_common_args, check_file_flags, entry_point
+from training.cli import UsageError, add_common_args, add_smart_args, check_file_flags, entry_point, smart_config
 from training.distributed import is_main
 from training.efficient import frozen_copy
 from training.inference import batched_inference
@@ -72,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "margin (hinge on the yes/no log-odds) or infonce")
     g.add_argument("--contrastive_weight", type=float, default=None, help="weight of the contrastive term (default 1)")
     g.add_argument("--contrastive_margin", type=float, default=None, help="margin of --contrastive margin (default 1)")
+    add_smart_args(p)
     add_common_args(p, epochs=10, batch_size=8, lr=1e-5)
     args = p.parse_args(argv)
     if not 0 < args.synthetic_weight < float("inf"):
@@ -95,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    smart_config(args)  # checked before any work
     check_file_flags({"--para_train": None if args.para_train == "none" else args.para_train,
                       "--para_dev": args.para_dev, "--para_test": args.para_test,
                       "--synthetic_train": args.synthetic_train},
@@ -148,38 +152,51 @@ def main(argv=None) -> dict | None:
         return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[indices], "tokens": int(mask.sum()),
                 "weights": train_weights[indices], "pos": pos, "neg": neg}
 
+    smart = smart_objective(smart_config(args), lambda m, b: two_way_logits(m, b["input_ids"], b["attention_mask"]))
+
     def loss_fn(model, batch):
-        logits = two_way_logits(model, batch["input_ids"], batch["attention_mask"])
+        # SMART's terms (--smart_lambda / --bregman_mu) cover every row the model reads, contrastive
+        # negatives included; the task loss takes the batch's own examples (the first n rows)
+        if smart is not None:
+            logits, penalty, logs = smart.forward(model, batch)
+        else:
+            logits, penalty, logs = two_way_logits(model, batch["input_ids"], batch["attention_mask"]), 0.0, {}
         n = batch["labels"].size(0)  # the batch's own examples; rows after them are contrastive negatives
         ref_logits = None
         if reference is not None:
             with torch.no_grad():
                 ref_logits = two_way_logits(reference, batch["input_ids"][:n], batch["attention_mask"][:n])
         loss = synthetic.paraphrase_loss(logits[:n], batch["labels"], batch["weights"], ref_logits, args.kl_lambda)
-        if not groups:
-            return loss, batch["tokens"]
-        term = synthetic.contrastive_loss(logits, batch["pos"], batch["neg"], args.contrastive, margin)
-        return loss + contrastive_weight * term, batch["tokens"], {"contrastive": term.detach()}
+        if groups:
+            term = synthetic.contrastive_loss(logits, batch["pos"], batch["neg"], args.contrastive, margin)
+            loss, logs = loss + contrastive_weight * term, {**logs, "contrastive": term.detach()}
+        return loss + penalty, batch["tokens"], logs
+
+    def answer_logits(model, split) -> torch.Tensor:  # (N, 2): "no", "yes"
+        return batched_inference(seqs[split], batch_size, pad_id, run.device, precision,
+                                 lambda ids, mask: two_way_logits(model, ids, mask))
 
     def predict(model, split) -> list[int]:
-        logits = batched_inference(seqs[split], batch_size, pad_id, run.device, precision,
-                                   lambda ids, mask: two_way_logits(model, ids, mask))
-        return logits.argmax(-1).tolist()
+        return answer_logits(model, split).argmax(-1).tolist()
 
     def evaluate(model):
         preds = predict(model, "dev")
         return accuracy_binary_f1([preds[i] for i in dev_scored], [splits["dev"][i].label for i in dev_scored])
 
-    task = TrainTask("para", [len(seqs["train"][i]) for i in trainable], make_batch, loss_fn, evaluate, metric="accuracy")
+    task = TrainTask("para", [len(seqs["train"][i]) for i in trainable], make_batch, loss_fn, evaluate,
+                     metric="accuracy", callbacks=[smart] if smart else [])
     result = run.fit(model, task)
     if result.interrupted:
         return None
     model.eval()
     for split, out in (("dev", args.para_dev_out), ("test", args.para_test_out)):
-        tokens = LABEL_TOKENS[torch.tensor(predict(model, split))].tolist()
+        logits = answer_logits(model, split)
+        tokens = LABEL_TOKENS[logits.argmax(-1)].tolist()
         if is_main():  # under torchrun every rank holds all the gathered predictions; rank 0 writes
             write_paraphrase_predictions(out, [e.id for e in splits[split]], tokens, expected_rows=len(splits[split]))
             run.say(f"[para] wrote {len(tokens)} {split} predictions to {out}")
+            write_class_outputs(run.run_dir, "para", split, paraphrase_file(split), [e.id for e in splits[split]],
+                                logits.softmax(-1), [e.label for e in splits[split]])  # for ensemble.py
     dev = result.best_metrics
     run.say(f"[para] best epoch {result.best_epoch}: dev accuracy {dev['accuracy']:.4f}, dev F1 {dev['f1']:.4f}")
     return dev

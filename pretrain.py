@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for path in args.corpus:
         if not path.is_file():
             raise UsageError(f"--corpus {path}: no such file")
+    if args.qat != "none" and args.peft == "lora":
+        raise UsageError(f"--qat {args.qat} with --peft lora: the quantized model pretrain.py writes would round "
+                         f"W + BA, which training never saw (it trained fake-quantized W plus a float BA); train "
+                         f"with --qat alone, or with --peft lora and then run quantize.py on RUN_DIR/model")
     return args
 
 
@@ -106,11 +110,17 @@ def main(argv=None) -> dict:
         print_epochs(run)
         run.say(f"stopped early; continue with --resume {run.run_dir}")
         return {"run_dir": run.run_dir, "interrupted": True}
-    model_dir = model.save_pretrained(run.run_dir / "model", tokenizer=run.tokenizer)  # before anything else can fail
+    import copy
+
+    from training.efficient import lora_settings, merge_lora
+
+    lora = lora_settings(model) is not None  # a complete model: the adapters merged, on a copy
+    model_dir = (merge_lora(copy.deepcopy(model)) if lora else model).save_pretrained(
+        run.run_dir / "model", tokenizer=run.tokenizer)  # before anything else can fail
+    if lora:
+        run.say(f"LoRA adapters merged into {model_dir}; the adapters alone are in {run.run_dir / 'best.pt'}")
     out = {"run_dir": run.run_dir, "model_dir": model_dir, "best": result.best_metrics}
     if run.cfg.efficiency.qat != "none":  # the deployable model: the very weights training computed with
-        import copy
-
         from models.quant.qat import convert_qat
 
         out["quantized_dir"] = convert_qat(copy.deepcopy(model)).save_pretrained(

@@ -31,6 +31,7 @@ from models.gpt2 import GPT2LMHeadModel
 from models.losses import next_token_loss
 from tasks.completion import SonnetWriter
 from tasks.leaderboard import SONNET_DEV_FILE, SONNET_TEST_FILE, default_path
+from tasks.run_outputs import write_text_outputs
 from tasks.sonnets import read_numbered_sonnets, sonnets_by_number, write_generated_sonnets
 from training.batching import pad_right
 from training.build import autocast
@@ -146,6 +147,10 @@ def main(argv=None) -> dict | None:
         # numbered 0, 1, ... in prompt order, as the starter writes them (not by sonnet number)
         write_generated_sonnets(args.sonnet_dev_out, dev_texts)
         write_generated_sonnets(args.sonnet_out, test_texts)
+        # for ensemble.py: the prompts' sonnet numbers identify them (in the same prompt order)
+        write_text_outputs(run.run_dir, "sonnet", "dev", SONNET_DEV_FILE, [n for n, _ in dev_prompts], dev_texts,
+                           dev_gold)
+        write_text_outputs(run.run_dir, "sonnet", "test", SONNET_TEST_FILE, [n for n, _ in test_prompts], test_texts)
     metrics = {"loss": result.best_metrics["loss"], "chrf": dev_chrf}
     run.log.write("final", best_epoch=result.best_epoch, dev=metrics)
     run.say(f"[sonnet] best epoch {result.best_epoch} (by dev {args.select_by}): dev loss {metrics['loss']:.4f}, "

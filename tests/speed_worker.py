@@ -64,17 +64,27 @@ def run(run_dir: str, argv: list[str]) -> dict:
             "losses": losses, "best": result.best_metrics}
 
 
-def spawn_worker(rank: int, world: int, port: int, out_dir: str, runs: dict[str, list[str]]) -> None:
-    """One rank of a torchrun-like group: every run of `runs` (name -> flags) in turn, each writing
-    to out_dir/name and saving its result to out_dir/name-rank{rank}.pt."""
+def spawn_worker(rank: int, world: int, port: int, out_dir: str, runs: dict, run_fn=None) -> None:
+    """One rank of a torchrun-like group: every run of `runs` (name -> flags, or a tuple of `run_fn`'s
+    arguments after the run directory) in turn, each writing to out_dir/name and saving its result to
+    out_dir/name-rank{rank}.pt.  `run_fn` (default `run`): a module-level function, as spawn pickles it."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from training.distributed import shutdown
 
     try:
-        for name, argv in runs.items():
-            result = run(str(Path(out_dir) / name), argv)
+        for name, args in runs.items():
+            args = args if isinstance(args, tuple) else (args,)
+            result = (run_fn or run)(str(Path(out_dir) / name), *args)
             torch.save(result, Path(out_dir) / f"{name}-rank{rank}.pt")
     finally:
         shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -139,11 +139,11 @@ def test_run_end_to_end_two_rounds_then_the_detector(tmp_path, tokenizer_dir):
 
     metrics = para.main([*common, "--para_train", str(quora), "--synthetic_train", str(out / "synthetic.csv"),
                          "--kl_lambda", "0.1", "--contrastive", "infonce", "--contrastive_weight", "0.5",
-                         "--run_dir", str(tmp_path / "detector")])
+                         "--smart_lambda", "1", "--smart_eps", "1e-3", "--run_dir", str(tmp_path / "detector")])
     assert set(metrics) == {"accuracy", "f1"}
     epoch = next(json.loads(line) for line in open(tmp_path / "detector" / "metrics.jsonl") if '"epoch"' in line
                  and json.loads(line)["event"] == "epoch")
-    assert epoch["train_contrastive"] > 0
+    assert epoch["train_contrastive"] > 0 and epoch["train_smart_loss"] > 0  # SMART with the contrastive rows
 
 
 def _ex(a, b, y):

@@ -79,3 +79,30 @@ def test_init_checkpoint_starts_task_scripts_from_the_saved_weights(tmp_path):
         check_common_args(parser.parse_args(["--init_checkpoint", str(tmp_path)]))
     with pytest.raises(UserError, match="random_init"):
         check_common_args(parser.parse_args(["--init_checkpoint", str(tmp_path / "model"), "--random_init"]))
+
+
+def test_pretrain_with_lora_saves_the_merged_model(poems_csv, tmp_path, tokenizer_dir, monkeypatch):
+    """RUN_DIR/model of a LoRA run is a complete model: the trained adapters merged into the weights."""
+    import pretrain
+    from training.build import build_model, seed_everything
+    from training.checkpoint import load_model
+
+    monkeypatch.setenv("GPT2_TOKENIZER_DIR", str(tokenizer_dir))
+    run_dir = tmp_path / "run"
+    out = pretrain.main(["--model_size", "tiny", "--corpus", str(poems_csv), "--max_length", "16", "--epochs", "1",
+                         "--batch_size", "2", "--limit", "4", "--lr", "1e-2", "--warmup_ratio", "0", "--peft", "lora",
+                         "--lora_dropout", "0", "--run_dir", str(run_dir), "--no_progress", "--seed", "5"])
+    merged = build_model(GPT2LMHeadModel, ModelConfig(model_size=str(out["model_dir"]))).eval()
+    seed_everything(5)  # the run's random tiny base, then the adapters of best.pt on it
+    adapted = load_model(GPT2LMHeadModel, "tiny", run_dir).eval()
+    ids = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), adapted(ids), atol=1e-5)
+        assert not torch.allclose(merged(ids), GPT2LMHeadModel.from_name_or_path("tiny").eval()(ids), atol=1e-4)
+
+
+def test_pretrain_refuses_qat_with_lora(tmp_path, poems_csv):
+    import pretrain
+
+    with pytest.raises(UserError, match="--qat int8 with --peft lora"):
+        pretrain.parse_args(["--corpus", str(poems_csv), "--qat", "int8", "--peft", "lora"])

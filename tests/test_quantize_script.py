@@ -138,7 +138,7 @@ def test_pretrain_with_qat_trains_fake_quantized_resumes_and_saves_the_quantized
     torch.testing.assert_close(quantized(ids), fake.eval()(ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="qat_group_size"):  # 48 divides no width of the tiny model
         pretrain.main([*common[:-2], "--qat_group_size", "48", "--run_dir", str(tmp_path / "c")])
-    with pytest.raises(UserError, match="^peft: the model is quantized"):
+    with pytest.raises(UserError, match="^peft: lora on a quantized model"):
         pretrain.main(["--model_size", str(full["quantized_dir"]), "--corpus", str(corpus), "--tokenizer",
                        str(tokenizer_dir), "--max_length", "32", "--limit", "4", "--no_progress", "--peft", "lora",
                        "--run_dir", str(tmp_path / "d")])

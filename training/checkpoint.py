@@ -11,7 +11,7 @@ checkpoint back into a model.
 * `rng_state` / `set_rng_state`: Python, NumPy, torch (CPU and CUDA) and the data-order generator.
 * `load_model(cls, spec, checkpoint)`: a model from a preset / hub name / HF directory, optionally
   with the weights of a trainer checkpoint (a `best.pt`/`last.pt` file or a run directory): full
-  state dicts, LoRA adapter checkpoints (adapters applied with their saved settings), a classifier's
+  state dicts, LoRA and ReFT adapter checkpoints (applied with their saved settings), a classifier's
   or a distillation run's backbone; a mismatch is explained, naming the checkpoint and the model.
 """
 from __future__ import annotations
@@ -175,6 +175,7 @@ def _rekey(state: dict, model: torch.nn.Module) -> dict:
 def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
     """Load the model weights of a trainer checkpoint (file or run directory) into `model`."""
     from training.efficient import ADAPTER_FORMAT, load_adapter_state
+    from training.reft import REFT_FORMAT, load_reft_state, reft_state_for
 
     path = checkpoint_file(checkpoint)
     obj = load(path)
@@ -184,6 +185,9 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Mod
     try:
         if state.get("format") == ADAPTER_FORMAT:
             load_adapter_state(model, _adapter_for(model, state))
+            return model
+        if state.get("format") == REFT_FORMAT:
+            load_reft_state(model, reft_state_for(model, state))
             return model
         model.load_state_dict(_rekey(state, model))
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -110,7 +110,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
                    help="adamw: ours (optimizer.py, the default); sgd: torch's SGD with --momentum; soap / shampoo: "
-                        "second-order (optim/, docs/optimizers.md)")
+                        "second-order (optim/, docs/optimizers.md); the rest: torch.optim's own "
+                        "(training/torch_optimizers.py)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--precondition_frequency", type=int, default=10,
                    help="SOAP/Shampoo: optimiser steps between preconditioner updates")
@@ -163,7 +164,8 @@ def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parameter- and memory-efficient fine-tuning")
     g.add_argument("--peft", choices=choices(PeftMethod), default="none",
                    help="lora: freeze the base model and train peft LoRA adapters (plus the task head, if any); "
-                        "checkpoints then hold only adapters, head and LoRA hyper-parameters")
+                        "reft: freeze it and train LoReFT interventions on hidden states (--reft_*); checkpoints "
+                        "then hold only adapters / interventions, head and hyper-parameters")
     g.add_argument("--lora_r", type=int, default=16, help="LoRA rank r")
     g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha / r")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
@@ -173,6 +175,13 @@ def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge_lora", action="store_true",
                    help="after training, merge the adapters into the weights (W + alpha/r * B A) for prediction "
                         "and generation")
+    g.add_argument("--reft_rank", type=int, default=4, help="ReFT: rank r of the LoReFT subspace")
+    g.add_argument("--reft_layers", type=str, default="all",
+                   help="ReFT: layers whose output is intervened: all, even, odd or indices such as 0,2,5")
+    g.add_argument("--reft_positions", type=str, default="f1+l1",
+                   help="ReFT: tokens intervened in each input: fN (first N real tokens), lN (last N), fN+lM, or "
+                        "all; generation intervenes the prompt's at prefill (all: every token; for LM training "
+                        "prefer fN or all, which select the same tokens in training and generation)")
     g.add_argument("--freeze", choices=choices(FreezeMode), default="none",
                    help="freeze part of the model: embeddings; first-half (embeddings + first half of the layers); "
                         "first-n (embeddings + first --freeze_layers layers); all-but-head (train the task head only)")
@@ -256,6 +265,31 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The validated GenerationConfig of the decoding flags."""
     cfg = _fill(GenerationConfig, args)
     cfg.validate()
+    return cfg
+
+
+def add_smart_args(parser: argparse.ArgumentParser) -> None:
+    """SMART (objectives/smart.py) for the classification scripts -> `smart_config(args)`."""
+    g = parser.add_argument_group("SMART regularisation (Jiang et al., 2020; objectives/smart.py)")
+    g.add_argument("--smart_lambda", type=float, default=0.0,
+                   help="weight lambda_s of the smoothness-inducing adversarial regulariser: the symmetric KL "
+                        "between the predictions for clean and adversarially perturbed input embeddings (0: off)")
+    g.add_argument("--smart_eps", type=float, default=1e-5, help="infinity-norm radius eps of the perturbation")
+    g.add_argument("--smart_steps", type=int, default=1, help="projected gradient-ascent steps on the perturbation")
+    g.add_argument("--smart_step_size", type=float, default=1e-3, help="ascent step size eta")
+    g.add_argument("--smart_noise", type=float, default=1e-5, help="std sigma of the perturbation's random start")
+    g.add_argument("--bregman_mu", type=float, default=0.0,
+                   help="weight mu of the momentum Bregman proximal point term: the symmetric KL to the "
+                        "predictions of an EMA copy of the model (0: off)")
+    g.add_argument("--bregman_beta", type=float, default=0.99, help="momentum beta of the EMA copy")
+
+
+def smart_config(args: argparse.Namespace):
+    """The validated `objectives.smart.SmartConfig` of the SMART flags."""
+    from objectives.smart import SmartConfig, refuse_fsdp
+
+    cfg = _fill(SmartConfig, args).validate()
+    refuse_fsdp(cfg, getattr(args, "fsdp", False))
     return cfg
 
 

@@ -25,7 +25,7 @@ from common.errors import ConfigError
 Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd", "soap", "shampoo"]
 ScheduleName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
-PeftMethod = Literal["none", "lora"]
+PeftMethod = Literal["none", "lora", "reft"]
 FreezeMode = Literal["none", "embeddings", "first-half", "first-n", "all-but-head"]
 Decoding = Literal["greedy", "sample", "top-k", "top-p", "top-k-p", "beam"]
 ReportTo = Literal["none", "tensorboard", "wandb"]  # experiment trackers fed from the metrics log
@@ -182,6 +182,9 @@ class EfficiencyConfig:
     lora_dropout: float = 0.05
     lora_targets: str = "attn"  # groups qv, qkv, attn, mlp, all or single layers, comma-separated
     merge_lora: bool = False  # after training, fold the adapters into the weights
+    reft_rank: int = 4  # LoReFT subspace rank r (training/reft.py)
+    reft_layers: str = "all"  # layers whose output is intervened: all, even, odd or indices 0,2,5
+    reft_positions: str = "f1+l1"  # fN first N real tokens, lN last N, fN+lM both, or all
     freeze: FreezeMode = "none"
     freeze_layers: Optional[int] = None  # with freeze = first-n
     grad_checkpointing: bool = False
@@ -207,7 +210,24 @@ class EfficiencyConfig:
             if self.freeze == "all-but-head":
                 raise ConfigError("peft", "lora with freeze all-but-head would freeze every adapter; drop one of them")
         elif self.merge_lora:
-            raise ConfigError("merge_lora", "needs peft lora")
+            raise ConfigError("merge_lora", "needs peft lora (ReFT interventions act at chosen positions and cannot be "
+                              "merged into weights)" if self.peft == "reft" else "needs peft lora")
+        if self.peft == "reft":
+            check_number("reft_rank", self.reft_rank, low=1, integer=True)
+            from training.reft import parse_positions, resolve_layers
+
+            for name, parse in (("reft_positions", parse_positions),
+                                ("reft_layers", lambda spec: resolve_layers(spec, None))):
+                try:
+                    parse(getattr(self, name))
+                except ValueError as exc:
+                    raise ConfigError(name, str(exc).removeprefix(f"{name} ")) from None
+            if self.freeze == "all-but-head":
+                raise ConfigError("peft", "reft with freeze all-but-head would freeze every intervention; drop one")
+            if self.qat != "none":  # QAT trains weights through fake quantization; ReFT trains none of them
+                raise ConfigError("qat", "reft freezes every linear layer, so fake-quantizing them trains nothing for "
+                                  "the quantized model: train the interventions on the fp32 base, quantize the base "
+                                  "with quantize.py and load the run onto it (--model_size DIR2/int8 or int4)")
         if (self.freeze == "first-n") != (self.freeze_layers is not None):
             raise ConfigError("freeze_layers", "goes with freeze first-n (and freeze first-n needs freeze_layers)")
         check_number("freeze_layers", self.freeze_layers, low=1, integer=True, optional=True)

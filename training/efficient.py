@@ -16,6 +16,9 @@ Layer freezing (`freeze_parameters`) is one mechanism for every mode, including 
 Nets with Sublinear Memory Cost") recomputes each transformer layer in the backward pass instead of
 storing its activations (`GPT2Model.gradient_checkpointing`).
 
+ReFT (`peft reft`: LoReFT interventions on hidden states, Wu et al., 2024) lives in training/reft.py
+and goes through the same `prepare_model`, `model_state` / `load_model_state` and accounting.
+
 Everything is reachable from the command line of every training script: the flags live in
 `training/cli.py`, become an `EfficiencyConfig` (training/config.py) and reach `prepare_model`
 through the shared `Trainer`.
@@ -202,13 +205,22 @@ def load_adapter_state(model: nn.Module, state: dict) -> nn.Module:
 
 def model_state(model: nn.Module) -> dict:
     """What a checkpoint stores of the model: adapters + heads + LoRA settings for a LoRA model,
-    the full state dict otherwise."""
+    interventions + heads + ReFT settings for a ReFT model (training/reft.py), the full state dict
+    otherwise."""
+    from training.reft import reft_settings, reft_state
+
+    if reft_settings(model) is not None:
+        return reft_state(model)
     return adapter_state(model) if lora_settings(model) is not None else model.state_dict()
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:
     """Inverse of `model_state`."""
-    if state.get("format") == ADAPTER_FORMAT:
+    from training.reft import REFT_FORMAT, load_reft_state
+
+    if state.get("format") == REFT_FORMAT:
+        load_reft_state(model, state)
+    elif state.get("format") == ADAPTER_FORMAT:
         load_adapter_state(model, state)
     else:
         model.load_state_dict(state)
@@ -336,9 +348,13 @@ def efficiency_report(model: nn.Module, device: torch.device | str) -> dict:
     total = sum(p.numel() for p in params)
     peak, kind = peak_memory(device)
     settings = lora_settings(model)
+    from training.reft import reft_settings
+
+    reft = reft_settings(model)
     return {"trainable_params": trainable, "total_params": total,
             "trainable_pct": 100.0 * trainable / max(total, 1), "peak_memory_bytes": peak,
             "peak_memory_kind": kind, "lora": settings.to_dict() if settings else None,
+            "reft": reft.to_dict() if reft else None,
             "grad_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())}
 
 
@@ -376,8 +392,9 @@ def prepare_model(model: nn.Module, cfg, head: Optional[Iterable[str]] = None) -
     applied = {"peft": cfg.peft, "freeze": cfg.freeze, "grad_checkpointing": bool(cfg.grad_checkpointing),
                "merge_lora": bool(cfg.merge_lora), "qat": getattr(cfg, "qat", "none")}
     if cfg.peft != "none" and getattr(_backbone(model), "quantization", None) is not None:
-        raise ConfigError("peft", "the model is quantized (a quantize.py output): its weights are integer buffers "
-                          "that adapters cannot wrap; fine-tune the fp32 model, with --qat to prepare it for quantizing")
+        raise ConfigError("peft", f"{cfg.peft} on a quantized model (a quantize.py output) is not supported: its "
+                          f"weights are integer buffers; fine-tune the fp32 model (with --qat to prepare it for "
+                          f"quantizing), or load a ReFT run onto the quantized base for prediction")
     if applied["qat"] != "none":  # before LoRA: the adapters wrap the fake-quantized layers
         from models.quant.qat import prepare_qat, qat_spec
 
@@ -389,12 +406,30 @@ def prepare_model(model: nn.Module, cfg, head: Optional[Iterable[str]] = None) -
     if cfg.peft == "lora":
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, modules_to_save=heads)
         applied["lora"] = lora_settings(model).to_dict()
+    elif cfg.peft == "reft":
+        _apply_reft(model, cfg, heads, applied)
     frozen = freeze_parameters(model, cfg.freeze, cfg.freeze_layers, head=heads)
     applied["frozen_tensors"] = len(frozen)
     if cfg.peft == "lora" and not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
         raise ConfigError("freeze", f"{cfg.freeze} froze every LoRA adapter (lora_targets {cfg.lora_targets}); "
                           f"freeze fewer layers or adapt other ones")
+    if cfg.peft == "reft" and not any(p.requires_grad for n, p in model.named_parameters() if ".reft." in n):
+        raise ConfigError("freeze", f"{cfg.freeze} froze every ReFT intervention (reft_layers {cfg.reft_layers}); "
+                          f"freeze fewer layers or intervene at later ones")
     if applied["grad_checkpointing"]:
         set_grad_checkpointing(model, True)
     model.__dict__["_efficiency_prepared"] = applied
     return applied
+
+
+def _apply_reft(model: nn.Module, cfg, heads: list[str], applied: dict) -> None:
+    """`peft reft`: LoReFT interventions (training/reft.py); a bad layer list names `reft_layers`."""
+    from common.errors import ConfigError
+    from training.reft import apply_reft, reft_settings
+
+    try:
+        apply_reft(model, cfg.reft_rank, cfg.reft_layers, cfg.reft_positions, modules_to_save=heads)
+    except ValueError as exc:
+        field = next((f for f in ("reft_layers", "reft_rank", "reft_positions") if f in str(exc)), "peft")
+        raise ConfigError(field, str(exc).removeprefix(f"{field} ")) from None
+    applied["reft"] = reft_settings(model).to_dict()

@@ -10,9 +10,12 @@ its own (`Callback.param_groups`), e.g. projections trained with a different rat
 Optimisers: `adamw` = ours (optimizer.py, the handout's AdamW, the default); `sgd` = torch's SGD with
 momentum; `soap` (Vyas et al., 2024) and `shampoo` (Gupta et al., 2018) = ours (optim/), which
 precondition the 2-D tensors of groups with `precondition` True (no larger than `max_precond_dim`)
-and give every other tensor our AdamW's step.  Schedules map the optimiser step to a factor of the peak rate: linear warm-up over
-`warmup_steps`, then linear decay (`linear`), half-cosine decay to 0 (`cosine`), constant
-(`constant`), or 1/sqrt(step) decay (`inverse_sqrt`, Vaswani et al., 2017).
+and give every other tensor our AdamW's step; `torch_adamw`, `adam`, `radam`, `nadam`, `adafactor`,
+`adagrad`, `rmsprop` = torch.optim's own (training/torch_optimizers.py).
+
+Schedules map the optimiser step to a factor of the peak rate: linear warm-up over `warmup_steps`,
+then linear decay (`linear`), half-cosine decay to 0 (`cosine`), constant (`constant`), or
+1/sqrt(step) decay (`inverse_sqrt`, Vaswani et al., 2017).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from training.torch_optimizers import TORCH_OPTIMIZERS
 
 
 def _adamw(groups, cfg):
@@ -54,6 +58,7 @@ def _shampoo(groups, cfg):
 # name -> builder(param groups, TrainConfig) -> torch.optim.Optimizer.  Group "weight_decay" values
 # are honoured by every optimiser (SGD: coupled L2, as torch's SGD defines it).
 OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "sgd": _sgd, "soap": _soap, "shampoo": _shampoo}
+OPTIMIZERS.update(TORCH_OPTIMIZERS)  # torch.optim's own (training/torch_optimizers.py)
 
 _LAYER = re.compile(r"(?:^|\.)gpt_layers\.(\d+)\.")
 

@@ -9,6 +9,9 @@ run's checkpoint):
                                    on --resume (a critic and its optimiser, an EMA copy, counters)
     param_groups(model)            extra parameter groups for the main optimiser (parameters that
                                    live outside the model, or another learning rate)
+    on_model_ready(trainer)        once, when the trainer is made: after LoRA / freezing, before the model
+                                   is wrapped for several ranks (DDP / FSDP) or compiled, so forwards of
+                                   the plain model may run here (a DPO reference's log-probabilities)
     on_fit_start(trainer)          once, after the optimiser exists and a resumed state is restored
     on_micro_batch_end(trainer, batch)
                                    after each micro-batch's backward (e.g. update a critic on the
@@ -54,6 +57,9 @@ class Callback:
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return []
+
+    def on_model_ready(self, trainer: "Trainer") -> None:
+        pass
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         pass

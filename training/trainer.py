@@ -111,6 +111,8 @@ class Trainer:
         self.efficiency = efficient.prepare_model(self.model, efficiency or EfficiencyConfig())
         if device.type == "cuda":
             enable_tf32()
+        for cb in task.callbacks:  # the plain model, before any wrapper (FSDP runs nothing before its root forward)
+            cb.on_model_ready(self)
         # What runs the training step: model + loss, wrapped for several ranks, maybe compiled.
         self.engine = maybe_compile(dist.wrap_model(TaskStep(model, task.loss), device, config.fsdp), config.compile)
         self.world = dist.world_size()
