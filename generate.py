@@ -11,8 +11,11 @@ sonnets.txt-style file, e.g. data/sonnets_held_out.txt), else standard input (al
 --checkpoint alone takes the base model from the run's metrics.jsonl.  --num_samples N samples each
 prompt N times (sampling decodings).  --sonnet completes each prompt as a sonnet the way
 sonnet_generation.py does (tasks/completion.py SonnetWriter: stops at the end of line 14).
---stream prints tokens as they are chosen (batch size 1; not beam search).  The same --seed and
---batch_size give the same text, streamed or not.
+--stream prints tokens as they are chosen (batch size 1; not beam search or beam sampling; through
+generate's on_token callback).  The same --seed and --batch_size give the same text, streamed or
+not.  --num_beams with a sampling decoding is beam sampling; --assistant_model PATH decodes
+speculatively with that draft model (acceptance rate on stderr); --compile_generation compiles the
+decode step.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import sys
 
 from common.errors import DataError
 from common.io import read_text, write_jsonl
-from experiments.textgen import StreamingLM, TokenStream, complete, load_for_generation, resolve_model
+from experiments.textgen import (StreamingLM, TokenStream, complete, generation_kwargs, load_for_generation,
+                                 resolve_model)
 from training.cli import (UsageError, add_decoding_args, add_device_args, add_model_args, entry_point,
                           generation_config, resolve_device)
 from training.build import seed_everything
@@ -58,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_samples > 1 and args.decoding in ("greedy", "beam"):
         raise UsageError(f"--num_samples {args.num_samples}: --decoding {args.decoding} gives the same text every "
                          f"time; use a sampling decoding (sample, top-k, top-p, top-k-p)")
-    if args.stream and (args.batch_size != 1 or args.decoding == "beam"):
-        raise UsageError("--stream prints one row as it is chosen: use --batch_size 1 and a decoding other than beam")
+    if args.stream and (args.batch_size != 1 or args.decoding == "beam" or (args.num_beams or 1) > 1):
+        raise UsageError("--stream prints one row as it is chosen: use --batch_size 1 and a decoding other than beam "
+                         "(and no --num_beams)")
     if args.sonnet_out and not args.sonnet:
         raise UsageError("--sonnet_out goes with --sonnet")
     if args.sonnet_out and args.num_samples != 1:
@@ -110,6 +115,7 @@ def main(argv=None) -> list[dict]:
     source = resolve_model(given, args.checkpoint, args.random_init, args.tokenizer, model_cfg.overrides())
     seed_everything(args.seed)  # a randomly initialised model (tiny, --random_init) is the same every time
     model, tokenizer = load_for_generation(source, device)
+    decoding = generation_kwargs(gen_cfg, model, tokenizer, device)  # the draft model of --assistant_model too
     items = [(pid, prompt, k) for pid, prompt in prompts for k in range(args.num_samples)]
     headed = len(items) > 1
 
@@ -129,11 +135,11 @@ def main(argv=None) -> list[dict]:
         from tasks.completion import SonnetWriter
 
         writer = SonnetWriter(tokenizer, device, batch_size=args.batch_size, max_new_tokens=gen_cfg.max_new_tokens,
-                              seed=args.seed, precision=args.precision, generate_kwargs=gen_cfg.kwargs(), report=note)
+                              seed=args.seed, precision=args.precision, generate_kwargs=decoding, report=note)
         outputs = writer.complete(lm, texts)
     else:
         new = complete(lm, tokenizer, texts, max_new_tokens=gen_cfg.max_new_tokens, batch_size=args.batch_size,
-                       seed=args.seed, device=device, precision=args.precision, generate_kwargs=gen_cfg.kwargs(),
+                       seed=args.seed, device=device, precision=args.precision, generate_kwargs=decoding,
                        max_length=args.max_length, report=note)
         outputs = [p + n for p, n in zip(texts, new)]
     rows = [{"prompt_id": pid, "sample": k + 1, "prompt": prompt, "text": text}

@@ -63,7 +63,7 @@ def _add_generation_args(p: argparse.ArgumentParser, modes) -> None:
                    help="continue: samples continuing one context pair with each other; rewrite: the LM restates the "
                         "context; paraphrase: a trained generator's 'x\\nIn other words: y' format")
     p.add_argument("--samples_per_context", type=int, default=4, help="samples drawn per context (over-generation)")
-    add_decoding_args(p, max_new_tokens=32)
+    add_decoding_args(p, max_new_tokens=32, assistant=False)
     p.set_defaults(temperature=1.0)
     p.add_argument("--seed", type=int, default=11711)
 

@@ -9,7 +9,9 @@ in the starter's format (tasks/sonnets.py).
 
 Generation goes through `model.generate` (models/generation.py, via tasks/completion.py): top-p
 sampling with temperature 1.2 and p 0.9 by default; each row stops at the end of its 14th line, at
-EOS, or after `--max_new_tokens`.  Every decoding flag is checked at start-up, and may change on
+EOS, or after `--max_new_tokens`.  `--num_beams` with a sampling decoding is beam sampling,
+`--assistant_model PATH` speculative decoding (acceptance rate reported), `--compile_generation` a
+compiled decode step (training/cli.py add_decoding_args).  Every decoding flag is checked at start-up, and may change on
 `--resume` when the best epoch is chosen by loss (with `--select_by chrf` it decides the best epoch).
 
     python sonnet_generation.py --use_gpu --model_size gpt2
@@ -23,6 +25,7 @@ import sys
 
 from common.errors import DataError
 from evaluation.sonnets import chrf
+from experiments.textgen import generation_kwargs
 from lm.corpus import join_documents, pack_blocks
 from models.gpt2 import GPT2LMHeadModel
 from models.losses import next_token_loss
@@ -83,9 +86,9 @@ def main(argv=None) -> dict | None:
     model = run.build(GPT2LMHeadModel)
     max_length, tokenizer, device = run.max_length(model), run.tokenizer, run.device
     batch_size, precision = run.cfg.train.batch_size, run.cfg.train.precision
+    decoding = generation_kwargs(gen_cfg, model, tokenizer, device)  # loads --assistant_model's draft
     writer = SonnetWriter(tokenizer, device, batch_size=batch_size, max_new_tokens=gen_cfg.max_new_tokens,
-                          seed=run.cfg.train.seed, precision=precision, generate_kwargs=gen_cfg.kwargs(),
-                          report=run.say)
+                          seed=run.cfg.train.seed, precision=precision, generate_kwargs=decoding, report=run.say)
     if writer.prompt_budget(model.config.max_position_embeddings) < 1:
         raise UsageError(f"--max_new_tokens {gen_cfg.max_new_tokens} leaves no room for a prompt in the model's "
                          f"{model.config.max_position_embeddings} positions")

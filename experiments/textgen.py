@@ -1,5 +1,5 @@
 """Prompt -> text for generate.py: which model a checkpoint argument means, batched completion of
-plain prompts with `model.generate` (models/generation.py), and token streaming.
+plain prompts with `model.generate` (models/generation/), and token streaming.
 
 * `resolve_model(model_size, checkpoint)`: a preset / hub name / HF directory, optionally with a
   trainer run's weights (a run directory or its best.pt/last.pt, LoRA runs included); a run's base
@@ -7,15 +7,13 @@ plain prompts with `model.generate` (models/generation.py), and token streaming.
   `start` record when no model is named.
 * `complete(...)`: left-padded batches, one seeded generator for the whole call, each row's
   continuation cut at its first EOS; the same prompts, seed and batch size give the same text.
-* Streaming.  `generate()` has no token callback today, so `StreamingLM` observes the decode
-  through a standard forward pre-hook on the model's token embedding, installed only for the
-  duration of one `generate` call: every decode step feeds the token chosen at the previous step
-  through that embedding, which `TokenStream` decodes and prints (holding back a partial UTF-8
-  character).  The tokens streamed are compared with what `generate` returns at the end (any
-  difference is an error, never a silently different text), and the last token is printed then.
-  Batch size 1, greedy or sampling (beam search picks its tokens only at the end).  Once
-  `generate()` grows a callback, `on_token(tokens: (B,) LongTensor)` called right after each
-  step's tokens are chosen, `TokenStream.put` is that callback and the hook goes away.
+* Streaming: `StreamingLM` passes `TokenStream.put` as `generate(on_token=...)`, called with each
+  step's chosen tokens; `TokenStream` decodes row 0 incrementally and prints it (holding back a
+  partial UTF-8 character).  The tokens streamed are compared with what `generate` returns at the
+  end (any difference is an error, never a silently different text).  Batch size 1, greedy,
+  sampling or speculative decoding (beam search picks its tokens only at the end).
+* `load_assistant`: the draft model of speculative decoding (`--assistant_model`), checked to
+  share the target's vocabulary and tokenizer.
 """
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ from common.errors import ConfigError
 from common.io import read_jsonl_log
 from common.precision import autocast
 from models.generation import left_pad
+from tasks.completion import SpeculativeTally
 
 
 @dataclass
@@ -100,15 +99,19 @@ def complete(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
         report(f"{len(cut)} prompt(s) longer than {budget} tokens keep their last {budget} tokens: prompts {cut[:5]}")
     seqs = [s[-budget:] for s in seqs]
     generator = torch.Generator(device).manual_seed(seed)
-    out = []
+    kwargs = dict(generate_kwargs or {})
+    out, tally = [], SpeculativeTally()
     for start in range(0, len(seqs), batch_size):
         ids, mask = left_pad(seqs[start:start + batch_size], eos)
+        stats = tally.stats_for(kwargs)
         with autocast(device, precision):
             result = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                    eos_token_id=eos, pad_token_id=eos, generator=generator,
-                                    **(generate_kwargs or {}))
+                                    eos_token_id=eos, pad_token_id=eos, generator=generator, stats=stats, **kwargs)
+        tally.add(stats)
         for row in result[:, ids.shape[1]:].tolist():
             out.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row))
+    if tally.line():
+        report(tally.line())
     return out
 
 
@@ -125,18 +128,10 @@ class TokenStream:
 
     def begin(self) -> None:
         self.tokens: list[int] = []
-        self.printed, self.finished, self.prefilled = "", False, False
-
-    def hook(self, module, inputs) -> None:
-        """Forward pre-hook of the token embedding: the first call of a generate is the prompt, each
-        later one feeds the token chosen at the previous step."""
-        if not self.prefilled:
-            self.prefilled = True
-            return
-        self.put(inputs[0][:, -1])
+        self.printed, self.finished = "", False
 
     def put(self, tokens: torch.Tensor) -> None:
-        """The token just chosen for the (single) row, (1,) or a scalar."""
+        """`generate`'s on_token: the token just chosen for the (single) row, (1,) or a scalar."""
         if self.finished:
             return
         token = int(tokens.reshape(-1)[0])
@@ -155,13 +150,13 @@ class TokenStream:
         self.printed = text
 
     def end(self, new_tokens: list[int]) -> None:
-        """After generate: check the streamed tokens against the result and print what is left."""
+        """After generate: check the streamed tokens against the result and print what is left (nothing,
+        unless generate stopped calling on_token early)."""
         stop = next((i for i, t in enumerate(new_tokens) if t in self.stop_ids), len(new_tokens))
         result = new_tokens[:stop]
         if result[:len(self.tokens)] != self.tokens:
-            raise RuntimeError("streamed tokens differ from the tokens generate() returned; models.generation fed "
-                               "the model other tokens than the chosen ones (speculative decoding?): run without "
-                               "--stream")
+            raise RuntimeError("streamed tokens differ from the tokens generate() returned (a bug in "
+                               "models.generation's on_token); run without --stream")
         for token in result[len(self.tokens):]:
             self.tokens.append(token)
         self._show(final=True)
@@ -188,11 +183,7 @@ class StreamingLM:
         self.on_begin(self.calls)
         self.calls += 1
         self.stream.begin()
-        handle = self.model.backbone.word_embedding.register_forward_pre_hook(self.stream.hook)
-        try:
-            out = self.model.generate(input_ids, attention_mask, **kwargs)
-        finally:
-            handle.remove()
+        out = self.model.generate(input_ids, attention_mask, on_token=self.stream.put, **kwargs)
         self.stream.end(out[0, input_ids.shape[1]:].tolist())
         return out
 
@@ -205,3 +196,48 @@ def load_for_generation(source: ModelSource, device: torch.device):
 
     model = load_model(GPT2LMHeadModel, source.spec, source.checkpoint, source.random_init, **source.overrides)
     return model.to(device).eval(), load_tokenizer(source.tokenizer, source.model_dir)
+
+
+def load_assistant(path: str, model, tokenizer, device: torch.device):
+    """The draft model of speculative decoding (`assistant_model`): a Hugging Face model directory
+    (config.json), or a training run (its directory with metrics.jsonl, or its best.pt / last.pt)
+    on top of its base model; in eval mode on `device`.  A ConfigError naming assistant_model
+    unless it loads and shares `model`'s vocabulary and `tokenizer`'s token ids."""
+    from common.errors import UserError
+    from models.hf_io import WeightsFileError
+
+    p = Path(path)
+    is_run = p.is_file() and p.suffix == ".pt" or p.is_dir() and (p / "metrics.jsonl").is_file()
+    if not p.exists():
+        raise ConfigError("assistant_model", f"{path}: no such model directory, run directory or checkpoint file")
+    if not is_run and not (p.is_dir() and (p / "config.json").is_file()):
+        raise ConfigError("assistant_model", f"{path}: expected a Hugging Face model directory (config.json), a "
+                          f"training run directory (metrics.jsonl) or a run's best.pt / last.pt")
+    try:
+        source = resolve_model(None, str(p)) if is_run else resolve_model(str(p), None)
+        draft, draft_tokenizer = load_for_generation(source, device)
+    except (UserError, WeightsFileError, OSError, ValueError) as exc:
+        raise ConfigError("assistant_model", f"{path}: cannot be loaded as a GPT-2 model: {exc}") from None
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ConfigError("assistant_model", f"{path} has {draft.config.vocab_size} tokens, the model "
+                          f"{model.config.vocab_size}: speculative decoding needs the same vocabulary")
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab() or draft_tokenizer.eos_token_id != tokenizer.eos_token_id:
+        raise ConfigError("assistant_model", f"{path}: its tokenizer ({draft_tokenizer.name_or_path}) maps tokens to "
+                          f"other ids than the model's ({tokenizer.name_or_path}); the draft must share the tokenizer")
+    return draft
+
+
+def generation_kwargs(gen_cfg, model, tokenizer, device: torch.device) -> dict:
+    """`generate()` keyword arguments of a validated GenerationConfig for `model`: its `kwargs()`,
+    plus the loaded draft model when `assistant_model` is set (`load_assistant`).  A ConfigError
+    names compile_generation when the model's sparse layers build a mask per step."""
+    kwargs = gen_cfg.kwargs()
+    cfg = model.config
+    if (gen_cfg.compile_generation and cfg.attention_backend in ("flex", "sparse")
+            and any(p != "dense" for p in model.gpt.layer_patterns)):
+        raise ConfigError("compile_generation", f"the model's sparse layers run on attention_backend "
+                          f"{cfg.attention_backend}, which builds a mask per decode step; use attention_backend "
+                          f"auto or sdpa, or decode without compile_generation")
+    if gen_cfg.assistant_model is not None:
+        kwargs["assistant_model"] = load_assistant(gen_cfg.assistant_model, model, tokenizer, device)
+    return kwargs

@@ -111,25 +111,41 @@ class GPT2PreTrainedModel(nn.Module):
 
         return save_hf_checkpoint(self.backbone, directory, tokenizer, generation)
 
-    # ---- KV cache --------------------------------------------------------------------------
+    # ---- inference: KV cache, fused q/k/v ----------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                       device: Optional[torch.device] = None) -> None:
-        """Preallocate a KV cache of `max_len` slots in every attention layer."""
+                       device: Optional[torch.device] = None, static: bool = False) -> None:
+        """Preallocate a KV cache of `max_len` slots in every attention layer (`static`: reorder
+        keeps the buffers' addresses, for a compiled decode step; see modules/kv_cache.py).
+
+        A slot is not a position: speculative decoding leaves masked holes in the cache, so the
+        cache may hold more slots than the model has positions (positions are checked by the
+        forward that uses them)."""
         cfg, ref = self.config, self.backbone.word_embedding.weight
-        if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"KV cache of {max_len} positions exceeds the model's "
-                             f"{cfg.max_position_embeddings} position embeddings")
         for layer in self.backbone.gpt_layers:
             layer.self_attention.kv_cache = KVCache(batch_size, cfg.num_attention_heads, max_len, cfg.head_dim,
-                                                    dtype or ref.dtype, device or ref.device)
+                                                    dtype or ref.dtype, device or ref.device, static=static)
 
-    def reorder_kv_cache(self, batch_index: torch.Tensor) -> None:
+    def reorder_kv_cache(self, batch_index: torch.Tensor, length: Optional[int] = None) -> None:
+        """In place: cache row i becomes row batch_index[i], over the first `length` slots."""
         for layer in self.backbone.gpt_layers:
-            layer.self_attention.kv_cache.reorder(batch_index)
+            layer.self_attention.kv_cache.reorder(batch_index, length)
 
     def clear_kv_cache(self) -> None:
         for layer in self.backbone.gpt_layers:
             layer.self_attention.kv_cache = None
+
+    def fuse_qkv(self) -> bool:
+        """Fuse every layer's query/key/value projections for inference (see
+        `CausalSelfAttention.fuse_qkv`); False, and nothing fused, when any layer is LoRA-wrapped."""
+        attentions = [layer.self_attention for layer in self.backbone.gpt_layers]
+        if all(a.fuse_qkv() for a in attentions):
+            return True
+        self.unfuse_qkv()
+        return False
+
+    def unfuse_qkv(self) -> None:
+        for layer in self.backbone.gpt_layers:
+            layer.self_attention.unfuse_qkv()
 
 
 class GPT2Model(GPT2PreTrainedModel):
@@ -189,11 +205,25 @@ class GPT2Model(GPT2PreTrainedModel):
             masks[p] = build_attention_mask(attention_mask, T, start, input_ids.device, pattern=p,
                                             window=cfg.attention_window, path=path,
                                             global_tokens=cfg.attention_global_tokens)
-        h = input_ids if starter else self.embed(input_ids, position_ids)  # (B, T, D)
+        if starter:
+            return self.run_layers(input_ids, masks, cache_start)
+        return self.encode_with_masks(input_ids, position_ids, masks, cache_start)
+
+    def encode_with_masks(self, input_ids: torch.Tensor, position_ids: torch.Tensor, masks: dict,
+                          cache_start=None) -> torch.Tensor:
+        """The layers under masks the caller built: `masks[pattern] = (mask, is_causal)` for every
+        pattern of `layer_patterns` (generation builds them once for all its steps, see
+        models/generation/decoder.py).  `cache_start`: None, an int or a LongTensor of slots
+        (`KVCache.update`).  Token ids (B, T) -> final hidden states (B, T, D)."""
+        h = self.embed(input_ids, position_ids)  # (B, T, D)
+        return self.final_layer_norm(self.run_layers(h, masks, cache_start))
+
+    def run_layers(self, h: torch.Tensor, masks: dict, cache_start=None) -> torch.Tensor:
+        """Hidden states (B, T, D) through every transformer layer (no final LayerNorm)."""
         for layer, pattern in zip(self.gpt_layers, self.layer_patterns):
             mask, is_causal = masks[pattern]
             h = self.run_layer(layer, h, mask, is_causal, cache_start)
-        return h if starter else self.final_layer_norm(h)
+        return h
 
     def run_layer(self, layer: GPT2Layer, h: torch.Tensor, *layer_args) -> torch.Tensor:
         """One transformer layer; under `gradient_checkpointing` in training its activations are

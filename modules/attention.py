@@ -5,9 +5,11 @@ builds one mask per forward (`build_attention_mask`) and hands it to every layer
 when there is no padding and no cache offset it passes `is_causal=True` instead, which lets
 SDPA pick its fused kernels.
 
-The KV cache is preallocated to (B, n_head, max_len, head_dim) and indexed by slot: a
-forward with `cache_start=s` writes its keys and values at slots s..s+T-1 and attends over
-slots 0..s+T-1.  Generation prefills with the prompt, then feeds one token at a time.
+The KV cache (`modules/kv_cache.py`) is preallocated to (B, n_head, max_len, head_dim) and
+indexed by slot: a forward with `cache_start=s` writes its keys and values at slots s..s+T-1 and
+attends over slots 0..s+T-1.  Generation prefills with the prompt, then feeds one token at a time.
+For inference the three projections can be fused into one matmul (`fuse_qkv`), the layout of
+GPT-2's original `c_attn`; LoRA-wrapped projections are never fused.
 
 Sparse patterns (`modules/attention_patterns.py`) are masks on this same attention, run by one
 of three paths, all built by `build_attention_mask` from the one pattern function: a boolean SDPA
@@ -25,40 +27,13 @@ from torch import nn
 
 from config import GPT2Config
 from modules.attention_patterns import attention_mask_mod, positions_from_mask
+from modules.kv_cache import KVCache  # noqa: F401  (re-exported: the cache of CausalSelfAttention)
 from modules.sparse_attention import SparseLayout, build_sparse_layout, sparse_attention
 
 try:  # FlexAttention (torch >= 2.5): the block-sparse path of sparse layers
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch: only the SDPA path exists
     BlockMask = create_block_mask = flex_attention = None
-
-
-class KVCache(nn.Module):
-    """Preallocated key/value storage for one attention layer."""
-
-    def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
-        shape = (batch_size, num_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(2)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked to fill up to {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def reorder(self, batch_index: torch.Tensor) -> None:
-        """Select rows of the batch (beam search keeps the cache of the surviving beams)."""
-        self.k = self.k.index_select(0, batch_index)
-        self.v = self.v.index_select(0, batch_index)
 
 
 class CausalSelfAttention(nn.Module):
@@ -73,20 +48,44 @@ class CausalSelfAttention(nn.Module):
         self.value = nn.Linear(d, d)
         self.dropout_p = config.attention_probs_dropout_prob
         self.kv_cache: Optional[KVCache] = None
+        # Fused q/k/v for inference: (3D, D) weight and (3D,) bias while fused, else None.  Buffers
+        # (not persistent: never in a state_dict) so that .to() moves them and CUDA graphs see them
+        # as static inputs.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_qkv(self) -> bool:
+        """Inference only: concatenate the query/key/value weights into one (3D, D) projection that
+        `forward` uses while gradients are off.  Refused (returns False) when a projection is not a
+        plain nn.Linear, e.g. wrapped by peft's LoRA.  The copy goes stale if the weights change:
+        `unfuse_qkv` when done (generate() does both)."""
+        projections = (self.query, self.key, self.value)
+        if not all(type(p) is nn.Linear and p.bias is not None for p in projections):
+            self.unfuse_qkv()
+            return False
+        with torch.no_grad():
+            self.qkv_weight = torch.cat([p.weight for p in projections])  # (3D, D)
+            self.qkv_bias = torch.cat([p.bias for p in projections])
+        return True
+
+    def unfuse_qkv(self) -> None:
+        self.qkv_weight = self.qkv_bias = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # (B, nh, T, hs)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False, cache_start: Optional[int] = None) -> torch.Tensor:
+                is_causal: bool = False, cache_start=None) -> torch.Tensor:
         """x: (B, T, D); attn_mask: boolean (B or 1, 1, T, S), True = may attend. Returns (B, T, D).
-        A padding-only mask (the starter's additive (B, 1, 1, S) float mask) is made causal here."""
+        A padding-only mask (the starter's additive (B, 1, 1, S) float mask) is made causal here.
+        `cache_start`: None (no cache), an int or a LongTensor of slots (see `KVCache.update`)."""
         attn_mask = as_causal_mask(attn_mask, x.size(1))
         B, T, D = x.shape
-        q = self.split_heads(self.query(x))
-        k = self.split_heads(self.key(x))
-        v = self.split_heads(self.value(x))
+        if self.qkv_weight is not None and not torch.is_grad_enabled():
+            q, k, v = (self.split_heads(t) for t in F.linear(x, self.qkv_weight, self.qkv_bias).split(D, dim=-1))
+        else:
+            q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
         if cache_start is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_start given but no KV cache is set up (call setup_kv_cache first)")

@@ -1,4 +1,4 @@
-"""Completing sonnet prompts with `model.generate` (models/generation.py), as the CS224N sonnet task
+"""Completing sonnet prompts with `model.generate` (models/generation/), as the CS224N sonnet task
 needs: batched and left-padded, reproducible (an own seeded generator), every row stopping at the end
 of its 14th line (its continuation holds 14 - prompt lines + 1 newlines), at EOS, or after
 `max_new_tokens`.
@@ -18,6 +18,32 @@ from common.precision import autocast
 from models.generation import left_pad, newline_counts
 
 SONNET_LINES = 14
+
+
+class SpeculativeTally:
+    """Acceptance counts of speculative decoding summed over the generate calls of a completion
+    (each call's `stats`, see models.generation.generate); `line()` is the report."""
+
+    def __init__(self):
+        self.drafted = self.accepted = self.forwards = self.new_tokens = 0
+
+    def stats_for(self, kwargs: dict) -> Optional[dict]:
+        """A fresh stats dict for one generate call when it decodes speculatively, else None."""
+        return {} if kwargs.get("assistant_model") is not None else None
+
+    def add(self, stats: Optional[dict]) -> None:
+        if stats:
+            self.drafted += stats["draft_tokens"]
+            self.accepted += stats["accepted_tokens"]
+            self.forwards += stats["target_forwards"]
+            self.new_tokens += stats["new_tokens"]
+
+    def line(self) -> Optional[str]:
+        if not self.forwards:
+            return None
+        rate = self.accepted / self.drafted if self.drafted else float("nan")
+        return (f"speculative decoding: acceptance rate {rate:.3f} ({self.accepted} of {self.drafted} drafted tokens), "
+                f"{self.forwards} target forwards for {self.new_tokens} new-token slots")
 
 
 class SonnetWriter:
@@ -54,19 +80,23 @@ class SonnetWriter:
         context = model.config.max_position_embeddings
         seqs = self.encode(prompts, context)
         generator = torch.Generator(self.device).manual_seed(self.seed)
-        out = []
+        out, tally = [], SpeculativeTally()
         for start in range(0, len(prompts), self.batch_size):
             chunk, chunk_ids = prompts[start:start + self.batch_size], seqs[start:start + self.batch_size]
             ids, mask = left_pad(chunk_ids, tok.eos_token_id)
             stops = torch.tensor([max(1, SONNET_LINES - p.count("\n")) for p in chunk], device=self.device)
+            stats = tally.stats_for(self.kwargs)
             with autocast(self.device, self.precision):
                 result = model.generate(ids.to(self.device), mask.to(self.device), max_new_tokens=self.max_new_tokens,
                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
                                         generator=generator, stop_newlines=stops, newline_counts=self.newlines,
-                                        **self.kwargs)
+                                        stats=stats, **self.kwargs)
+            tally.add(stats)
             for prompt, row in zip(chunk, result[:, ids.shape[1]:].tolist()):
                 new = tok.decode([t for t in row if t != tok.eos_token_id])
                 out.append((prompt + new).rstrip())
         if len(out) != len(prompts):
             raise RuntimeError(f"{len(out)} sonnets completed for {len(prompts)} prompts")
+        if tally.line():
+            self.report(f"[sonnet] {tally.line()}")
         return out

@@ -250,9 +250,38 @@ def test_bad_arguments(full_vocab):
         ours.generate(ids, torch.tensor([[1, 1, 0]]), max_new_tokens=4)
     with pytest.raises(ValueError, match="positions"):
         ours.generate(ids, max_new_tokens=1000)
-    with pytest.raises(ValueError, match="beam sampling"):
-        ours.generate(ids, num_beams=2, do_sample=True, max_new_tokens=4)
     with pytest.raises(ValueError, match="top_p"):
         ours.generate(ids, do_sample=True, top_p=0.0, max_new_tokens=4)
     assert ours.generate(ids, max_new_tokens=0).tolist() == ids.tolist()
     assert all(layer.self_attention.kv_cache is None for layer in ours.gpt.gpt_layers)  # cache released
+
+
+@pytest.mark.parametrize("backend", ["sparse", "auto", "sdpa"])
+def test_sparse_attention_generation_equals_uncached_greedy(backend):
+    """A local-window model with global tokens (window 4 < prompt + 12 new tokens): every attention
+    path of a cached, batched, left-padded generation (per-step SparseLayout, SDPA tables) gives
+    the tokens of the uncached one-prompt loop; speculative decoding with it too."""
+    from config import GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config.from_name("tiny", vocab_size=64, attention="local", attention_window=4,
+                               attention_global_tokens=2, attention_backend=backend, initializer_range=0.3)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids, mask = left_pad(PROMPTS, PAD)
+    out = model.generate(ids, mask, max_new_tokens=12, pad_token_id=PAD)
+    for i, prompt in enumerate(PROMPTS):
+        assert out[i, -12:].tolist() == uncached_greedy(model, prompt, 12)[-12:]
+    draft = GPT2LMHeadModel(GPT2Config.from_name("tiny", vocab_size=64, num_hidden_layers=1)).eval()
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=12, pad_token_id=PAD, assistant_model=draft), out)
+
+
+@pytest.mark.parametrize("kwargs", [dict(eos_token_id=6), dict(do_sample=True, top_p=0.9, eos_token_id=35)])
+def test_on_token_sees_each_step_as_returned(small_vocab, kwargs):
+    ours, _ = small_vocab
+    ids, mask = left_pad(PROMPTS, PAD)
+    seen = []
+    out = ours.generate(ids, mask, max_new_tokens=16, pad_token_id=PAD, generator=torch.Generator().manual_seed(0),
+                        on_token=lambda t: seen.append(t.clone()), **kwargs)
+    assert torch.equal(torch.stack(seen, 1), out[:, ids.shape[1]:])
+    with pytest.raises(ValueError, match="on_token"):
+        ours.generate(ids, mask, num_beams=2, max_new_tokens=4, pad_token_id=PAD, on_token=seen.append)

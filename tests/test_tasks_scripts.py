@@ -153,8 +153,13 @@ def test_sonnet_decoding_flags():
     assert generation_config(sg.parse_args(["--decoding", "top-k-p", "--top_k", "5"])).kwargs() == dict(
         repetition_penalty=1.0, no_repeat_ngram_size=0, do_sample=True, temperature=1.2, top_k=5, top_p=0.9)
     assert generation_config(sg.parse_args(["--decoding", "beam", "--num_beams", "3"])).kwargs()["num_beams"] == 3
-    for bad, field in ((["--decoding", "top-k"], "top_k"), (["--top_k", "5"], "top_k"),
-                       (["--decoding", "beam"], "num_beams"), (["--num_beams", "2"], "num_beams"),
+    # Defaults where a decoding needs them; --num_beams with a sampling decoding is beam sampling.
+    assert generation_config(sg.parse_args(["--decoding", "beam"])).kwargs()["num_beams"] == 4
+    assert generation_config(sg.parse_args(["--decoding", "top-k"])).kwargs()["top_k"] == 50
+    assert generation_config(sg.parse_args(["--num_beams", "2"])).kwargs() == dict(
+        repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=2, do_sample=True, temperature=1.2, top_p=0.9)
+    for bad, field in ((["--top_k", "5"], "top_k"), (["--decoding", "beam", "--num_beams", "1"], "num_beams"),
+                       (["--decoding", "greedy", "--num_beams", "2"], "num_beams"), (["--num_beams", "0"], "num_beams"),
                        (["--top_p", "0"], "top_p"), (["--temperature", "nan"], "temperature"),
                        (["--max_new_tokens", "0"], "max_new_tokens")):
         with pytest.raises(ConfigError, match=f"^{field}"):

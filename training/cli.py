@@ -31,8 +31,8 @@ FIELD_FLAGS = {
     "fine_tune_mode": "--fine-tune-mode",
 }
 # Flags that may differ between a run and its resumption: they do not change what is trained.
-RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress", "compile", "peak_flops", "merge_lora",
-               "device", "use_gpu", "export_hf", "export_allow_dense", "report_to", "sweep_control"}
+RESUME_FREE = {"resume", "run_dir", "stop_after_epoch", "no_progress", "compile", "compile_generation", "peak_flops",
+               "merge_lora", "device", "use_gpu", "export_hf", "export_allow_dense", "report_to", "sweep_control"}
 
 
 def flag_for(field: str, extra: Optional[dict] = None) -> str:
@@ -224,21 +224,41 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
                         "(our loader restores it) but transformers runs every layer dense, so its outputs differ")
 
 
-def add_decoding_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
-    """The decoding strategy and its settings (-> GenerationConfig -> `generate()` arguments)."""
+def add_decoding_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256, assistant: bool = True) -> None:
+    """The decoding strategy and its settings (-> GenerationConfig -> `generate()` arguments).
+    `assistant`: also --assistant_model / --num_assistant_tokens (scripts that load the draft model
+    with `experiments.textgen.load_assistant`)."""
+    d = GenerationConfig
     g = parser.add_argument_group("decoding (arguments of model.generate)")
-    g.add_argument("--decoding", choices=choices(Decoding), default="top-p")
+    g.add_argument("--decoding", choices=choices(Decoding), default="top-p",
+                   help="greedy, sampling (sample, top-k, top-p, top-k-p: do_sample) or beam search (beam)")
     g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (sampling modes)")
     g.add_argument("--top_p", type=float, default=0.9, help="nucleus mass (top-p, top-k-p)")
-    g.add_argument("--top_k", type=int, default=None, help="tokens kept (required by top-k, top-k-p)")
-    g.add_argument("--num_beams", type=int, default=None, help="beams (required by beam, >= 2)")
+    g.add_argument("--top_k", type=int, default=None,
+                   help=f"tokens kept (top-k, top-k-p; default {d.DEFAULT_TOP_K}, transformers' default)")
+    g.add_argument("--num_beams", type=int, default=None,
+                   help=f"beams, as in transformers: with --decoding beam beam search (default {d.DEFAULT_BEAMS}); "
+                        f"with a sampling decoding > 1 is beam sampling (default 1)")
     g.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="cap on new tokens per prompt")
     g.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty on tokens already present")
     g.add_argument("--no_repeat_ngram_size", type=int, default=0, help="ban repeating n-grams of this size (0: off)")
+    g.add_argument("--compile_generation", action="store_true",
+                   help="decode through one torch.compile'd static step (CUDA graphs on a GPU; the same tokens as "
+                        "eager; compiling costs seconds, worth it for long generations). Not --compile, which "
+                        "compiles the model for training")
+    if assistant:
+        g.add_argument("--assistant_model", default=None, metavar="PATH",
+                       help="speculative decoding (Leviathan et al. 2023): a smaller draft model with the same "
+                            "tokenizer (a Hugging Face directory, or a training run / its best.pt) proposes tokens "
+                            "that the model verifies in one forward; greedy output is unchanged, sampling keeps "
+                            "its distribution; the acceptance rate is printed")
+        g.add_argument("--num_assistant_tokens", type=int, default=None, metavar="K",
+                       help=f"with --assistant_model: tokens drafted per verify step (default "
+                            f"{d.DEFAULT_ASSISTANT_TOKENS})")
 
 
 DECODING_FLAGS = {"decoding", "temperature", "top_p", "top_k", "num_beams", "max_new_tokens", "repetition_penalty",
-                  "no_repeat_ngram_size"}
+                  "no_repeat_ngram_size", "compile_generation", "assistant_model", "num_assistant_tokens"}
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:

@@ -235,41 +235,92 @@ class EfficiencyConfig:
 
 @dataclass
 class GenerationConfig:
+    """A decoding strategy and its settings -> keyword arguments of `models.generation.generate`.
+
+    `num_beams` means what it means in transformers: with `decoding` beam (do_sample False) it is
+    beam search (default DEFAULT_BEAMS); with a sampling decoding, num_beams > 1 is beam
+    sampling.  `top_k` defaults to transformers' 50 where the decoding uses it.  `assistant_model`
+    (a path, loaded by the script: `experiments.textgen.load_assistant`) turns on speculative
+    decoding with `num_assistant_tokens` drafts per verify step; `compile_generation` runs the
+    decode steps through one compiled static step (`generate(compile=True)`)."""
     decoding: Decoding = "top-p"
     temperature: float = 1.2  # sampling modes
     top_p: float = 0.9  # top-p, top-k-p
-    top_k: Optional[int] = None  # required by top-k, top-k-p
-    num_beams: Optional[int] = None  # required by beam (>= 2)
+    top_k: Optional[int] = None  # top-k, top-k-p; None: DEFAULT_TOP_K
+    num_beams: Optional[int] = None  # beam (None: DEFAULT_BEAMS); sampling decodings: > 1 = beam sampling
     max_new_tokens: int = 256
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    compile_generation: bool = False
+    assistant_model: Optional[str] = None  # speculative decoding: the draft model (HF directory or run)
+    num_assistant_tokens: Optional[int] = None  # drafts per verify step; None: DEFAULT_ASSISTANT_TOKENS
+
+    DEFAULT_TOP_K = 50  # transformers' default
+    DEFAULT_BEAMS = 4  # the decoding recipe's beam width (recipes/decoding.toml)
+    DEFAULT_ASSISTANT_TOKENS = 4
+
+    @property
+    def sampling(self) -> bool:
+        return self.decoding not in ("greedy", "beam")
+
+    @property
+    def beams(self) -> int:
+        """Beams of the run: 1 unless beam search or beam sampling."""
+        if self.decoding == "beam":
+            return self.DEFAULT_BEAMS if self.num_beams is None else self.num_beams
+        return 1 if self.num_beams is None or not self.sampling else self.num_beams
 
     def validate(self) -> None:
+        from pathlib import Path
+
         check_choice("decoding", self.decoding, Decoding)
         check_number("temperature", self.temperature, low=0.0, low_open=True)
         check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         check_number("top_k", self.top_k, low=1, integer=True, optional=True)
-        check_number("num_beams", self.num_beams, low=2, integer=True, optional=True)
+        check_number("num_beams", self.num_beams, low=1, integer=True, optional=True)
         check_number("max_new_tokens", self.max_new_tokens, low=1, integer=True)
         check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         check_number("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0, integer=True)
-        uses_k, uses_beams = self.decoding in ("top-k", "top-k-p"), self.decoding == "beam"
-        if uses_k != (self.top_k is not None):
-            raise ConfigError("top_k", f"is {'required' if uses_k else 'unused'} with decoding {self.decoding}")
-        if uses_beams != (self.num_beams is not None):
-            raise ConfigError("num_beams", f"(>= 2) is {'required' if uses_beams else 'unused'} with decoding "
-                              f"{self.decoding}")
+        check_number("num_assistant_tokens", self.num_assistant_tokens, low=1, integer=True, optional=True)
+        if self.decoding not in ("top-k", "top-k-p") and self.top_k is not None:
+            raise ConfigError("top_k", f"is unused with decoding {self.decoding} (top-k and top-k-p use it)")
+        if self.decoding == "beam" and self.num_beams == 1:
+            raise ConfigError("num_beams", "1 with decoding beam: beam search needs >= 2 beams (one beam is greedy)")
+        if self.decoding == "greedy" and self.num_beams not in (None, 1):
+            raise ConfigError("num_beams", f"{self.num_beams} with decoding greedy: beam search is decoding beam; "
+                              f"with a sampling decoding num_beams > 1 is beam sampling")
+        if self.assistant_model is None:
+            if self.num_assistant_tokens is not None:
+                raise ConfigError("num_assistant_tokens", "is unused without assistant_model")
+            return
+        if not Path(self.assistant_model).exists():
+            raise ConfigError("assistant_model", f"{self.assistant_model}: no such model directory, run directory or "
+                              f"checkpoint file")
+        if self.beams > 1:
+            raise ConfigError("assistant_model", f"speculative decoding proposes one continuation per row; it does "
+                              f"not combine with {self.beams} beams (decoding {self.decoding}, num_beams)")
+        if self.repetition_penalty != 1.0 or self.no_repeat_ngram_size:
+            raise ConfigError("assistant_model", "speculative decoding does not support repetition_penalty or "
+                              "no_repeat_ngram_size; leave them at 1.0 / 0")
+        if self.compile_generation:
+            raise ConfigError("compile_generation", "is not available with assistant_model (the verify step of "
+                              "speculative decoding changes shape)")
 
     def kwargs(self) -> dict:
-        """Keyword arguments of `models.generation.generate` (max_new_tokens excluded: callers cap it)."""
+        """Keyword arguments of `models.generation.generate` (max_new_tokens excluded: callers cap it;
+        the assistant model itself is added by the script that loads it)."""
         kw = dict(repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size)
-        if self.decoding == "greedy":
+        if self.compile_generation:
+            kw["compile"] = True
+        if self.assistant_model is not None:
+            kw["num_assistant_tokens"] = self.num_assistant_tokens or self.DEFAULT_ASSISTANT_TOKENS
+        if self.beams > 1:
+            kw["num_beams"] = self.beams
+        if not self.sampling:
             return {**kw, "do_sample": False}
-        if self.decoding == "beam":
-            return {**kw, "do_sample": False, "num_beams": self.num_beams}
         kw.update(do_sample=True, temperature=self.temperature)
         if self.decoding in ("top-k", "top-k-p"):
-            kw["top_k"] = self.top_k
+            kw["top_k"] = self.DEFAULT_TOP_K if self.top_k is None else self.top_k
         if self.decoding in ("top-p", "top-k-p"):
             kw["top_p"] = self.top_p
         return kw
