@@ -54,5 +54,30 @@ def tiny_hf_checkpoint(tmp_path_factory):
     return directory, hf
 
 
+
+def build_pair(tmp_path, seed=0, final_ln_scale=None, **overrides):
+    """(ours, transformers) GPT-2 with identical random weights, ours loaded through our real loader;
+    `final_ln_scale` fills the final LayerNorm gain: peaked next-token distributions, like a trained
+    model's.  EOS is off in transformers' generation config: every test states its EOS."""
+    import transformers
+
+    from models.gpt2 import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(tiny_hf_config(**overrides)).eval()
+    hf.generation_config.eos_token_id = None
+    if final_ln_scale is not None:
+        with torch.no_grad():
+            hf.transformer.ln_f.weight.fill_(final_ln_scale)
+    hf.save_pretrained(tmp_path)
+    return GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval(), hf
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    """A 64-token model with peaked distributions, so EOS tokens (id 0) really get generated."""
+    return build_pair(tmp_path_factory.mktemp("small-vocab"), vocab_size=64, initializer_range=0.3,
+                      bos_token_id=0, eos_token_id=0)
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes tens of seconds (real-size GPT-2 on the CPU); `-m 'not slow'` skips")

@@ -64,3 +64,16 @@ def quora_pairs(n: int, seed: int) -> list[tuple[str, str, str, int]]:
 def sonnet_text(rng: random.Random, lines: int = 14) -> str:
     return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 7))).capitalize() + ","
                      for _ in range(lines))
+
+
+def sonnet_task_files(directory: Path, seed: int = 0) -> dict:
+    """A sonnet task in the starter's layouts: 3 training sonnets, dev prompts (first 3 lines) of
+    sonnets 132 and 133 with their gold text, and one test prompt (145).  Returns the paths
+    (`train`, `dev`, `gold_path`, `test`) and `gold` {number: text}."""
+    rng = random.Random(seed)
+    train = write_sonnets(directory / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 4)])
+    gold = {n: sonnet_text(rng) for n in (132, 133)}
+    gold_path = write_sonnets(directory / "gold.txt", list(gold.items()))
+    dev = write_sonnets(directory / "dev.txt", [(n, "\n".join(t.split("\n")[:3])) for n, t in gold.items()])
+    test = write_sonnets(directory / "test.txt", [(145, sonnet_text(rng, 3))])
+    return {"train": train, "dev": dev, "gold_path": gold_path, "test": test, "gold": gold}

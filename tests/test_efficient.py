@@ -390,18 +390,13 @@ def test_every_task_script_takes_the_flags():
 def test_sonnet_script_with_lora_and_freezing(tmp_path, tokenizer_dir):
     """The LM scripts have no separate head: only adapters train, the tied embedding stays tied,
     and --merge_lora merges before the final generation."""
-    import random
 
     import sonnet_generation as sg
-    from cs224n_files import sonnet_text, write_sonnets
+    from cs224n_files import sonnet_task_files
     from tasks.sonnets import read_generated_sonnets
 
-    rng = random.Random(0)
-    train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 4)])
-    gold = {n: sonnet_text(rng) for n in (132, 133)}
-    gold_path = write_sonnets(tmp_path / "gold.txt", list(gold.items()))
-    dev = write_sonnets(tmp_path / "dev.txt", [(n, "\n".join(t.split("\n")[:3])) for n, t in gold.items()])
-    test = write_sonnets(tmp_path / "test.txt", [(145, "\n".join(sonnet_text(rng, 3).split("\n")))])
+    f = sonnet_task_files(tmp_path)
+    train, dev, gold_path, test = f["train"], f["dev"], f["gold_path"], f["test"]
     out = tmp_path / "p" / "generated.txt"
     sg.main(["--model_size", "tiny", "--no_progress", "--batch_size", "4", "--tokenizer", str(tokenizer_dir),
              "--epochs", "1", "--limit", "8", "--run_dir", str(tmp_path / "run"), "--sonnet_path", str(train),

@@ -4,13 +4,12 @@ runs whose saved outputs are ensembled end to end."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
 from common.errors import DataError, UserError
-from cs224n_files import keyword_sentiment, sonnet_text, write_sentiment, write_sonnets
+from cs224n_files import keyword_sentiment, write_sentiment, sonnet_task_files
 from objectives.ensemble import check_members, combine, combine_probabilities, consensus_choice, score
 from tasks.run_outputs import RunOutputs, outputs_path, read_outputs, write_class_outputs, write_text_outputs
 
@@ -143,12 +142,8 @@ def test_sonnet_runs_save_outputs_and_are_ensembled_by_consensus(tmp_path, token
     import sonnet_generation as sg
     from tasks.sonnets import read_generated_sonnets
 
-    rng = random.Random(0)
-    train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 4)])
-    gold = {n: sonnet_text(rng) for n in (132, 133)}
-    gold_path = write_sonnets(tmp_path / "gold.txt", list(gold.items()))
-    dev = write_sonnets(tmp_path / "dev.txt", [(n, "\n".join(t.split("\n")[:3])) for n, t in gold.items()])
-    test = write_sonnets(tmp_path / "test.txt", [(145, sonnet_text(rng, 3))])
+    f = sonnet_task_files(tmp_path)
+    train, dev, gold_path, test, gold = f["train"], f["dev"], f["gold_path"], f["test"], f["gold"]
     sg.main(["--model_size", "tiny", "--no_progress", "--tokenizer", str(tokenizer_dir), "--epochs", "1",
              "--select_by", "loss", "--max_new_tokens", "12", "--sonnet_path", str(train), "--held_out_sonnet_path",
              str(test), "--held_out_dev_path", str(dev), "--gold_dev_path", str(gold_path), "--sonnet_out",

@@ -3,33 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from conftest import tiny_hf_config
 from models.generation import (apply_repetition_penalty, ban_repeated_ngrams, left_pad, newline_counts, top_k_filter,
                                top_p_filter)
 from models.gpt2 import GPT2LMHeadModel
 
 PAD = 63  # not 0: transformers' beam search fills with EOS when pad_token_id is 0 (falsy)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11], [12]]
-
-
-def build_pair(tmp_path, seed=0, **overrides):
-    """(ours, transformers) GPT-2 with identical random weights, loaded through our real loader."""
-    torch.manual_seed(seed)
-    hf = transformers.GPT2LMHeadModel(tiny_hf_config(**overrides)).eval()
-    hf.generation_config.eos_token_id = None  # every test states its EOS explicitly
-    hf.save_pretrained(tmp_path)
-    return GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval(), hf
-
-
-@pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory):
-    """A 64-token model with peaked distributions, so EOS tokens really get generated."""
-    return build_pair(tmp_path_factory.mktemp("small-vocab"), vocab_size=64, initializer_range=0.3,
-                      bos_token_id=0, eos_token_id=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ Compiled == eager is proven in tests/test_generation_fast.py; here the spy drops
 the real generate runs (compiling on the CPU takes tens of seconds)."""
 from __future__ import annotations
 
-import random
 from dataclasses import asdict
 
 import pytest
@@ -92,14 +91,10 @@ def test_stream_with_speculative_sampling_prints_the_plain_text(tiny_hf_checkpoi
 
 def test_sonnet_generation_decodes_speculatively(tmp_path, tokenizer_dir, draft_dir, spy, capsys):
     import sonnet_generation as sg
-    from cs224n_files import sonnet_text, write_sonnets
+    from cs224n_files import sonnet_task_files
 
-    rng = random.Random(0)
-    train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 4)])
-    gold = {n: sonnet_text(rng) for n in (132, 133)}
-    gold_path = write_sonnets(tmp_path / "TRUE_dev.txt", list(gold.items()))
-    dev = write_sonnets(tmp_path / "dev.txt", [(n, "\n".join(t.split("\n")[:3])) for n, t in gold.items()])
-    test = write_sonnets(tmp_path / "test.txt", [(145, "\n".join(sonnet_text(rng, 3).split("\n")))])
+    f = sonnet_task_files(tmp_path)
+    train, dev, gold_path, test = f["train"], f["dev"], f["gold_path"], f["test"]
     sg.main(["--model_size", "tiny", "--no_progress", "--batch_size", "4", "--tokenizer", str(tokenizer_dir),
              "--epochs", "1", "--run_dir", str(tmp_path / "run"), "--sonnet_path", str(train),
              "--held_out_sonnet_path", str(test), "--held_out_dev_path", str(dev), "--gold_dev_path", str(gold_path),

@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from conftest import tiny_hf_config
+from conftest import build_pair
 from models.generation import decoder as decoder_module, left_pad, processors
 from models.generation.decoder import lm_logits
 from models.generation.processors import nucleus_on_candidates, top_k_filter, top_p_filter, top_p_filter_full
-from models.gpt2 import GPT2LMHeadModel
 from modules.kv_cache import KVCache
 
 PAD = 63
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11], [12]]
 INF = float("-inf")
-
-
-def build_pair(tmp_path, seed=0, final_ln_scale=None, **overrides):
-    torch.manual_seed(seed)
-    hf = transformers.GPT2LMHeadModel(tiny_hf_config(**overrides)).eval()
-    hf.generation_config.eos_token_id = None
-    if final_ln_scale is not None:  # peaked next-token distributions, like a trained model's
-        with torch.no_grad():
-            hf.transformer.ln_f.weight.fill_(final_ln_scale)
-    hf.save_pretrained(tmp_path)
-    return GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval(), hf
-
-
-@pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory):
-    return build_pair(tmp_path_factory.mktemp("small"), vocab_size=64, initializer_range=0.3,
-                      bos_token_id=0, eos_token_id=0)
 
 
 @pytest.fixture(scope="module")

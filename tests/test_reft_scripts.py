@@ -2,11 +2,10 @@
 loader (training.checkpoint.load_model) turning a ReFT run back into a model that predicts."""
 from __future__ import annotations
 
-import random
 
 import torch
 
-from cs224n_files import keyword_sentiment, quora_pairs, sonnet_text, write_quora, write_sentiment, write_sonnets
+from cs224n_files import keyword_sentiment, quora_pairs, write_quora, write_sentiment, sonnet_task_files
 
 FAST = ["--model_size", "tiny", "--no_progress", "--batch_size", "4", "--peft", "reft", "--reft_rank", "2"]
 
@@ -86,12 +85,8 @@ def test_sonnet_reft_trains_and_generates(tmp_path, tokenizer_dir):
     import sonnet_generation as sg
     from tasks.sonnets import read_generated_sonnets
 
-    rng = random.Random(0)
-    train = write_sonnets(tmp_path / "sonnets.txt", [(i, sonnet_text(rng)) for i in range(1, 4)])
-    gold = {n: sonnet_text(rng) for n in (132, 133)}
-    gold_path = write_sonnets(tmp_path / "gold.txt", list(gold.items()))
-    dev = write_sonnets(tmp_path / "dev.txt", [(n, "\n".join(t.split("\n")[:3])) for n, t in gold.items()])
-    test = write_sonnets(tmp_path / "test.txt", [(145, sonnet_text(rng, 3))])
+    f = sonnet_task_files(tmp_path)
+    train, dev, gold_path, test = f["train"], f["dev"], f["gold_path"], f["test"]
     out = tmp_path / "p" / "generated.txt"
     sg.main([*FAST, "--tokenizer", str(tokenizer_dir), "--epochs", "1", "--limit", "8", "--run_dir",
              str(tmp_path / "run"), "--sonnet_path", str(train), "--held_out_sonnet_path", str(test),
