@@ -250,6 +250,12 @@ def speculative_rows(pair, ids, mask, device, args, payload) -> list[list[str]]:
     target, draft, hf_target, hf_draft = speculative_pair(pair[0], args, device)
     prompt = ids[:1, mask[0].bool()]
     k = args.assistant_tokens
+    # transformers takes the draft length from the ASSISTANT's generation config (default: 20 tokens,
+    # "heuristic" schedule growing by 2 after a fully accepted round, confidence-threshold stops),
+    # not from generate()'s kwargs: set it there, so both engines draft exactly k tokens per round.
+    hf_draft.generation_config.num_assistant_tokens = k
+    hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+    hf_draft.generation_config.assistant_confidence_threshold = 0.0
     rows = []
     for n in (32, 128):
         stats = {}
