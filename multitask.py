@@ -35,13 +35,33 @@ from training.cli import UsageError, add_common_args, check_file_flags, entry_po
 from training.distributed import is_main
 from training.inference import batched_inference
 from training.runner import ScriptRun
-from training.task import TrainTask
+from training.task import Callback, TrainTask
 
 OUTPUT_FLAGS = {"predictions_dir"}
 FILES = {"sst": ("ids-sst-train.csv", "ids-sst-dev.csv", "ids-sst-test-student.csv"),
          "cfimdb": ("ids-cfimdb-train.csv", "ids-cfimdb-dev.csv", "ids-cfimdb-test-student.csv"),
          "para": ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv")}
 SPLITS = ("train", "dev", "test")
+
+
+class EpochPlan(Callback):
+    """The slots of the epoch being trained (`epoch_plan`), derived from the trainer's epoch count, so a
+    resumed run continues every task's stream where it stopped.  The trainer's length buckets come from
+    epoch 0's plan (the same tasks in the same shares, so the lengths are alike)."""
+
+    def __init__(self, sizes: dict[str, int], sampling: str, seed: int):
+        self.sizes, self.sampling, self.seed = sizes, sampling, seed
+        self.plan = epoch_plan(sizes, sampling, seed, 0)
+
+    def _set(self, epoch: int) -> None:
+        self.plan = epoch_plan(self.sizes, self.sampling, self.seed, epoch)
+
+    def on_fit_start(self, trainer) -> None:
+        self._set(trainer.state.epoch)  # completed epochs: 0, or where a resumed run stopped
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> bool:
+        self._set(epoch)  # `epoch` epochs are done: the next one is index `epoch`
+        return False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,7 +126,9 @@ def main(argv=None) -> dict | None:
             seqs[t, split], truncated[f"{t}_{split}"] = encode(t, data[t][split], tokenizer, max_length)
     run.log.write("truncation", truncated=truncated, max_length=max_length)
     train = {t: [i for i, e in enumerate(data[t]["train"]) if e.label is not None] for t in args.tasks}
-    plan = epoch_plan({t: len(train[t]) for t in args.tasks}, args.task_sampling, run.cfg.train.seed)
+    sizes = {t: len(train[t]) for t in args.tasks}
+    epochs = EpochPlan(sizes, args.task_sampling, run.cfg.train.seed)
+    plan = epochs.plan  # epoch 0's; the others are the same shares of new slots of every task's stream
     shares = {t: sum(1 for task, _ in plan if task == t) for t in args.tasks}
     run.say(f"[multitask] an epoch holds {shares} examples ({args.task_sampling} sampling of "
             f"{ {t: len(train[t]) for t in args.tasks} })")
@@ -114,7 +136,7 @@ def main(argv=None) -> dict | None:
                   train_examples={t: len(train[t]) for t in args.tasks})
 
     def make_batch(indices):
-        slots = [plan[i] for i in indices]
+        slots = [epochs.plan[i] for i in indices]
         rows = [seqs[t, "train"][train[t][j]] for t, j in slots]
         ids, mask = pad_right(rows, pad_id)
         batch = {"input_ids": ids, "attention_mask": mask, "tokens": int(mask.sum()),
@@ -139,7 +161,8 @@ def main(argv=None) -> dict | None:
         return metrics
 
     lengths = [len(seqs[t, "train"][train[t][j]]) for t, j in plan]
-    result = run.fit(model, TrainTask("multitask", lengths, make_batch, multitask_loss, evaluate, metric="accuracy"))
+    result = run.fit(model, TrainTask("multitask", lengths, make_batch, multitask_loss, evaluate, metric="accuracy",
+                                      callbacks=[epochs]))
     if result.interrupted:
         return None
     model.eval()

@@ -76,24 +76,28 @@ def task_shares(sizes: dict[str, int], sampling: str) -> dict[str, float]:
     return {t: m / total for t, m in mass.items()}
 
 
-def epoch_plan(sizes: dict[str, int], sampling: str, seed: int) -> list[tuple[str, int]]:
-    """The epoch's examples as (task, index) slots: round(N p_t) per task (the rounding remainder goes to
-    the tasks with the largest fractional parts), each task walking a seeded permutation of its examples."""
+def epoch_plan(sizes: dict[str, int], sampling: str, seed: int, epoch: int = 0) -> list[tuple[str, int]]:
+    """Epoch `epoch`'s examples as (task, index) slots: round(N p_t) per task (the rounding remainder goes
+    to the tasks with the largest fractional parts).  Each task walks one seeded stream of permutations
+    of its examples across the epochs (epoch e takes the stream's slots e*n_t .. (e+1)*n_t - 1), so a
+    downsampled task still sees all its examples over several epochs and no example twice before then."""
     if any(n < 1 for n in sizes.values()):
         raise ValueError(f"every task needs training examples, got {sizes}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
     shares, total = task_shares(sizes, sampling), sum(sizes.values())
     exact = {t: total * p for t, p in shares.items()}
     counts = {t: int(x) for t, x in exact.items()}
     for t in sorted(exact, key=lambda t: counts[t] - exact[t])[: total - sum(counts.values())]:
         counts[t] += 1
-    rng, plan = random.Random(seed), []
+    plan = []
     for t, n in sizes.items():
-        order: list[int] = []
-        while len(order) < counts[t]:
+        rng, stream, end = random.Random(f"{seed}/{t}"), [], (epoch + 1) * counts[t]
+        while len(stream) < end:
             perm = list(range(n))
             rng.shuffle(perm)
-            order += perm
-        plan += [(t, i) for i in order[: counts[t]]]
+            stream += perm
+        plan += [(t, i) for i in stream[epoch * counts[t]: end]]
     return plan
 
 

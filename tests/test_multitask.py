@@ -29,6 +29,12 @@ def test_sampling_schedules_by_hand():
     assert sorted(proportional) == sorted((t, i) for t, n in sizes.items() for i in range(n))
     assert Counter(t for t, _ in epoch_plan(sizes, "uniform", seed=0)) == {"a": 40, "b": 40, "c": 40}
     assert epoch_plan(sizes, "sqrt", seed=0) == plan and epoch_plan(sizes, "sqrt", seed=1) != plan
+    # Later epochs walk on through each task's stream: the downsampled task's 100 examples all come up
+    # in epochs 0 and 1 (75 + 75 slots) before any repeats, and epoch 1 is not epoch 0 again.
+    second = epoch_plan(sizes, "sqrt", seed=0, epoch=1)
+    assert Counter(t for t, _ in second) == counts and second != plan
+    a = [i for t, i in plan if t == "a"] + [i for t, i in second if t == "a"]
+    assert set(a[:100]) == set(range(100))
     with pytest.raises(ValueError, match="sampling"):
         epoch_plan(sizes, "annealed", 0)
 
