@@ -155,7 +155,7 @@ def save(method: str, model: GPT2LMHeadModel, args) -> Path:
     tokenizer_dir = resolve_tokenizer_dir(args.tokenizer, args.model)
     if method == "bf16":
         return model.save_pretrained(directory, tokenizer=tokenizer_dir)
-    return save_quantized(model, directory, tokenizer_dir=tokenizer_dir)
+    return save_quantized(model, directory, tokenizer_dir)
 
 
 def main(argv=None) -> dict:

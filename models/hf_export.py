@@ -95,7 +95,7 @@ def save_hf_checkpoint(backbone: torch.nn.Module, directory: str | Path, tokeniz
     if getattr(backbone, "quantization", None) is not None:  # quantize.py's packed integer format
         from models.quant.io import save_quantized
 
-        return save_quantized(backbone, directory, tokenizer if isinstance(tokenizer, (str, Path)) else None)
+        return save_quantized(backbone, directory, tokenizer)
     directory = Path(directory)
     problem = export_target_problem(directory)
     if problem:

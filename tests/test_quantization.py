@@ -226,7 +226,7 @@ def test_save_load_roundtrip_identical_logits(method, tmp_path, tokenizer_dir):
         quant.quantize_linears(model, spec)
     if method.endswith("embedding"):
         quant.quantize_embedding(model, quant.QuantSpec(8))
-    quant.save_quantized(model, tmp_path / "q", tokenizer_dir=tokenizer_dir)
+    quant.save_quantized(model, tmp_path / "q", tokenizer_dir)
     assert (tmp_path / "q" / "vocab.json").is_file() and not (tmp_path / "q" / "model.safetensors").exists()
     meta = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert (meta["bits"], meta["group_size"]) == (spec.bits, spec.group_size)

@@ -134,6 +134,7 @@ def test_pretrain_with_qat_trains_fake_quantized_resumes_and_saves_the_quantized
     assert isinstance(fake.gpt.gpt_layers[0].interm_dense, FakeQuantLinear)
     quantized = GPT2LMHeadModel.from_pretrained(str(full["quantized_dir"]))
     assert isinstance(quantized.gpt.gpt_layers[0].interm_dense, QuantizedLinear)
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {p.name for p in full["quantized_dir"].iterdir()}
     ids = torch.randint(0, 50257, (2, 16))
     torch.testing.assert_close(quantized(ids), fake.eval()(ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="qat_group_size"):  # 48 divides no width of the tiny model

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -37,8 +36,9 @@ SCHEME = ("symmetric round-to-nearest per group of group_size input columns (nul
           "w ~ scale * q; 4-bit q stored as q + 8, column 2j in the low nibble, 2j+1 in the high nibble")
 
 
-def save_quantized(model: nn.Module, directory: str | Path, tokenizer_dir: Optional[str | Path] = None) -> Path:
-    """Write a quantized model (see the module docstring); `tokenizer_dir`: its tokenizer files too."""
+def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Write a quantized model (see the module docstring) and its tokenizer files (`tokenizer`: a
+    tokenizer or its directory, as `models.tokenizer.write_tokenizer_files` takes it; None: no files)."""
     from safetensors.torch import save_file
 
     from models.hf_export import atomic_directory
@@ -55,8 +55,8 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer_dir: Optio
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(backbone.config.to_hf_dict(), indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            write_tokenizer_files(tmp, tokenizer_dir, backbone.config.max_position_embeddings)
+        if tokenizer is not None:
+            write_tokenizer_files(tmp, tokenizer, backbone.config.max_position_embeddings)
         (tmp / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
 
