@@ -119,6 +119,9 @@ def main(argv=None) -> dict:
         run.run_dir / "model", tokenizer=run.tokenizer)  # before anything else can fail
     if lora:
         run.say(f"LoRA adapters merged into {model_dir}; the adapters alone are in {run.run_dir / 'best.pt'}")
+    if run.cfg.efficiency.peft == "reft":  # the base is frozen: the trained part lives in best.pt only
+        run.say(f"{model_dir} is the frozen base; the trained interventions are in {run.run_dir / 'best.pt'}: "
+                f"use both, e.g. generate.py --model_size {model_dir} --checkpoint {run.run_dir}")
     out = {"run_dir": run.run_dir, "model_dir": model_dir, "best": result.best_metrics}
     if run.cfg.efficiency.qat != "none":  # the deployable model: the very weights training computed with
         from models.quant.qat import convert_qat

@@ -170,7 +170,8 @@ def test_bad_reft_values_exit_2_naming_the_flag(tmp_path, tokenizer_dir, monkeyp
         (classifier, ["--fine-tune-mode", "full-model"]), (paraphrase_detection, para), (sonnet_generation, sonnet),
         (pretrain, ["--corpus", str(corpus)])) for bad, flag in (
         (["--reft_positions", "last4"], "--reft_positions"), (["--reft_layers", "1,x"], "--reft_layers"),
-        (["--reft_rank", "0"], "--reft_rank"), (["--qat", "int8"], "--qat"))]
+        (["--reft_rank", "0"], "--reft_rank"), (["--qat", "int8"], "--qat"),
+        (["--export_hf", str(tmp_path / "hf")], "--export_hf"))]  # interventions have no transformers form
     run_common = ["--corpus", str(corpus), "--max_length", "16", "--limit", "4", "--batch_size", "2",
                   "--epochs", "1", "--no_progress", "--model_size", "tiny"]
     cases += [(pretrain, [*run_common, "--run_dir", str(tmp_path / f"r{i}"), *bad], flag) for i, (bad, flag) in

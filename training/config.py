@@ -364,6 +364,10 @@ class RunConfig:
             if self.export_allow_dense:
                 raise ConfigError("export_allow_dense", "goes with export_hf (it allows exporting a sparse model)")
             return
+        if self.efficiency.peft == "reft":
+            raise ConfigError("export_hf", "ReFT interventions have no transformers form: an export would hold "
+                                           "the frozen base alone; keep the run (its best.pt) and load it with "
+                                           "--init_checkpoint / --checkpoint")
         from models.hf_export import export_target_problem
 
         problem = export_target_problem(self.export_hf)
