@@ -216,3 +216,17 @@ def test_compiled_decode_equals_eager_SLOW_COMPILE(small_vocab):
                                  for k, v in kwargs.items()})
         compiled = ours.generate(ids, mask, max_new_tokens=10, pad_token_id=PAD, compile=True, **kwargs)
         assert torch.equal(compiled, eager), kwargs
+
+
+def test_compiled_step_has_a_mask_table_for_one_unpadded_step(small_vocab):
+    """The static step reads every cache slot, so even one unpadded decode step (max_new_tokens=2) needs
+    its mask table: the builder's no-mask shortcut for a single query must not leave it out."""
+    from models.generation.decoder import Decoder
+
+    ours, _ = small_vocab
+    decoder = Decoder(ours, prompt_len=5, mask=None, batch_size=1, max_new_tokens=2, compile=True)
+    try:
+        table = decoder.tables["dense"]
+        assert table is not None and table.shape == (1, 1, 1, 6) and bool(table.all())
+    finally:
+        decoder.close()

@@ -156,11 +156,15 @@ class Decoder:
                                         cfg.attention_global_tokens, dropout_active=False, cached=True) != "sdpa"}
         self.key_valid = key_valid
         self.tables = {}  # pattern -> (B|1, 1, n_steps, S) bool
+        # The compiled step reads every slot, so it always needs a mask table (the builder returns None
+        # for one unpadded query: give it the all-valid key mask instead).
+        table_keys = torch.ones((1, self.slots), dtype=torch.long, device=device) if compile and key_valid is None \
+            else key_valid
         for p in set(self.gpt.layer_patterns) - self.per_step:
             if p == "dense" and key_valid is None and not compile:
                 continue  # no mask: SDPA attends over the filled slots
             if self.n_steps:
-                self.tables[p] = build_attention_mask(key_valid, self.n_steps, prompt_len, device, pattern=p,
+                self.tables[p] = build_attention_mask(table_keys, self.n_steps, prompt_len, device, pattern=p,
                                                       window=cfg.attention_window,
                                                       global_tokens=cfg.attention_global_tokens)[0]
 
