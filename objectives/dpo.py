@@ -165,10 +165,9 @@ def response_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     targets = batch["targets"]  # (2B, T)
     # forward(), not encode(): hooks that need the mask (ReFT's positions) see it there
     hidden = model.gpt(batch["input_ids"], batch["attention_mask"])["last_hidden_state"]  # (2B, T, D)
-    keep = targets != IGNORE_INDEX
-    logits = model.gpt.hidden_state_to_token(hidden[keep])  # (K, V)
-    per_position = sequence_logprob(logits[:, None], targets[keep][:, None])  # (K,): each position its own row
-    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]  # (K,)
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # (K,) each: one host sync for the K positions
+    logits = model.gpt.hidden_state_to_token(hidden[rows, cols])  # (K, V)
+    per_position = sequence_logprob(logits[:, None], targets[rows, cols][:, None])  # (K,): each position its own row
     logp = per_position.new_zeros(targets.shape[0]).index_add(0, rows, per_position)  # (2B,)
     half = logp.shape[0] // 2
     return logp[:half], logp[half:]
@@ -221,7 +220,7 @@ class ReferenceLogprobs(Callback):
     def on_model_ready(self, trainer) -> None:
         """The starting model, before DDP / FSDP wrap it (FSDP runs no forward before its root's); a run
         resumed from its last.pt gets the saved values instead (`load_state_dict`)."""
-        if self.values is None and not (trainer.cfg.resume and (trainer.run_dir / "last.pt").is_file()):
+        if self.values is None and not trainer.resuming:
             was_training = trainer.model.training
             trainer.model.eval()
             self.values = {k: v.detach().float().cpu() for k, v in self.compute(trainer.model).items()}

@@ -310,19 +310,28 @@ def test_bad_flags_and_files_are_refused(tmp_path, capsys):
 
 
 def test_reference_callback_keeps_its_values_through_state_dict():
-    cb = ReferenceLogprobs(lambda m: {"train": torch.ones(2, 2)})
-    with pytest.raises(RuntimeError):
-        cb["train"]
-    other = ReferenceLogprobs(lambda m: pytest.fail("a resumed run does not recompute"))
-    other.load_state_dict({"values": {"train": torch.zeros(2, 2)}})
+    """In the trainer's order: on_model_ready (computes unless the trainer is resuming), then, resuming,
+    load_state_dict from last.pt, then on_fit_start."""
 
     class FakeTrainer:
-        model = torch.nn.Linear(1, 1)
+        def __init__(self, resuming):
+            self.model, self.resuming = torch.nn.Linear(1, 1), resuming
 
-    other.on_fit_start(FakeTrainer())
-    assert torch.equal(other["train"], torch.zeros(2, 2))
+    fresh = ReferenceLogprobs(lambda m: {"train": torch.ones(2, 2)})
+    with pytest.raises(RuntimeError):
+        fresh["train"]
+    fresh.on_model_ready(FakeTrainer(resuming=False))
+    fresh.on_fit_start(FakeTrainer(resuming=False))
+    assert torch.equal(fresh["train"], torch.ones(2, 2))
+    resumed = ReferenceLogprobs(lambda m: pytest.fail("a resumed run does not recompute"))
+    resumed.on_model_ready(FakeTrainer(resuming=True))
+    resumed.load_state_dict(fresh.state_dict())
+    resumed.on_fit_start(FakeTrainer(resuming=True))
+    assert torch.equal(resumed["train"], torch.ones(2, 2))
+    missing = ReferenceLogprobs(lambda m: {})
+    missing.on_model_ready(FakeTrainer(resuming=True))
     with pytest.raises(RuntimeError, match="no reference"):
-        ReferenceLogprobs(lambda m: {}).on_fit_start(FakeTrainer())
+        missing.on_fit_start(FakeTrainer(resuming=True))
 
 
 def test_dpo_under_two_gloo_ranks_equals_one_process(tmp_path):

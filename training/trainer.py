@@ -121,6 +121,12 @@ class Trainer:
         self._peak = peak_flops(device, config.precision, config.peak_flops)
         self.state: Optional[FitState] = None
 
+    @property
+    def resuming(self) -> bool:
+        """Whether `fit` continues the run in run_dir (--resume and a last.pt there): the one decision,
+        also for callbacks that run before it (`on_model_ready`)."""
+        return bool(self.cfg.resume) and (self.run_dir / "last.pt").is_file()
+
     def say(self, message: str) -> None:
         say(f"[{self.task.name}] {message}")
 
@@ -161,7 +167,7 @@ class Trainer:
         task, last, best = self.task, self.run_dir / "last.pt", self.run_dir / "best.pt"
         efficient.reset_peak_memory(self.device)
         self._clean_leftovers(best, last)
-        if self.cfg.resume and last.is_file():
+        if self.resuming:
             self._restore(state, checkpoint.load(last))
             self.log.write("resume", task=task.name, epoch=state.epoch)
             self.say(f"resumed {last} after epoch {state.epoch}")
