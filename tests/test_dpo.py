@@ -3,6 +3,8 @@ transformers' models, log 2 when policy == reference, gradients only into the po
 log-probabilities, the pair constructions, and the script's two stages end to end with exact resume."""
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import random
@@ -15,7 +17,6 @@ from models.gpt2 import GPT2LMHeadModel
 from objectives import pairs as P
 from objectives.dpo import (DPOConfig, EncodedPairs, ReferenceLogprobs, all_logprobs, dpo_loss, pair_rows,
                             preference_logs, response_logprobs)
-from training.efficient import frozen_copy
 
 RHYMES = [("day", "away"), ("night", "light"), ("heart", "part"), ("eyes", "skies"), ("true", "new"),
           ("sing", "spring"), ("fair", "air"), ("praise", "days")]
@@ -100,15 +101,16 @@ def test_gradients_reach_only_the_policy(tmp_path):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    reference = frozen_copy(policy)  # a live frozen reference: still no gradient may reach it
+    reference = copy.deepcopy(policy)  # trainable on purpose: only the way the reference is scored protects it
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = pair_rows(toy_pairs(), [0, 1, 2], 0)
-    ref_chosen, ref_rejected = response_logprobs(reference, batch)
-    losses, _, _ = dpo_loss(*response_logprobs(policy, batch), ref_chosen, ref_rejected, DPOConfig())
+    pairs = toy_pairs()
+    ref = all_logprobs(reference, pairs, 2, 0, torch.device("cpu"), "fp32")  # (N, 2): what train() precomputes
+    losses, _, _ = dpo_loss(*response_logprobs(policy, pair_rows(pairs, [0, 1, 2], 0)), ref[:, 0], ref[:, 1],
+                            DPOConfig())
     losses.mean().backward()
-    assert all(p.grad is None and not p.requires_grad for p in reference.parameters())
+    assert all(p.requires_grad and p.grad is None for p in reference.parameters())
     assert sum(p.grad.abs().sum().item() for p in policy.parameters()) > 0
 
 
