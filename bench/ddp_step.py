@@ -5,6 +5,9 @@
 Prints one line `RESULT {json}` (backend, world size, loss, step seconds, finite gradients).  With
 one process `training.distributed.init_from_env` joins no group (it does for several ranks), so the
 group is joined here, and the model wrapped in DistributedDataParallel as the trainer wraps it.
+What this checks is torch's NCCL + DDP on the device, not our own multi-rank code paths
+(`training/distributed.py` returns early at world size 1); those run under gloo in
+tests/test_speed.py (two CPU ranks == one process).
 """
 from __future__ import annotations
 

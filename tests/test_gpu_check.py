@@ -36,11 +36,10 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
                                                                      "hybrid/sparse"],
         "peft": lambda p: set(p["peak_gb"]) == {"full", "lora-r16"} and p["reference_gb"]["full"] == 12.78,
         "ddp": lambda p: p["backend"] == "gloo" and p["world_size"] == 1 and p["grads_finite"],
-        "generation_compile": lambda p: "skipped" in p,
-        "train_compile": lambda p: "inductor" in p["skipped"],
     }
-    for name, ok in checks.items():  # a part is skipped only when the busy machine ran the earlier ones long
-        assert parts[name]["status"] == "skipped" or ok(parts[name]), (name, parts[name])
+    for name, ok in checks.items():  # every measuring part ran (the dry-run limit leaves room on a busy machine)
+        assert parts[name]["status"] == "ok" and ok(parts[name]), (name, parts[name])
+    assert all("skipped" in parts[name] for name in ("generation_compile", "train_compile"))  # CPU: no inductor
     text = md.read_text()
     assert text.startswith("# earlier results\n") and "## GPU check (dry run: CPU, tiny shapes, not GPU figures)" in text
     assert "| part | what | ours | reference | verdict |" in text and "| parity | fp32 max abs diff" in text
