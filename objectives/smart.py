@@ -57,7 +57,11 @@ class SmartConfig:
         return self.smart_lambda > 0 or self.bregman_mu > 0
 
     def validate(self) -> "SmartConfig":
-        from training.config import check_number
+        from training.config import check_number, check_unused
+
+        check_unused(self, ("smart_eps", "smart_steps", "smart_step_size", "smart_noise"), self.smart_lambda > 0,
+                     "unless smart_lambda > 0")
+        check_unused(self, ("bregman_beta",), self.bregman_mu > 0, "unless bregman_mu > 0")
 
         for name in ("smart_lambda", "bregman_mu", "smart_eps", "smart_noise", "smart_step_size"):
             check_number(name, getattr(self, name), low=0.0)

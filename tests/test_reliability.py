@@ -310,3 +310,21 @@ def test_outputs_that_collide_with_each_other_or_an_input_are_refused_at_start(t
     generated = write_generated_sonnets(tmp_path / "gen.txt", ["A line."])
     with pytest.raises(UserError, match=f"--json {gold} is also the input --gold"):
         evaluate_sonnets.main(["--generated", str(generated), "--gold", str(gold), "--json", str(gold)])
+
+
+@pytest.mark.parametrize("flags,flag", [
+    (["--precondition_frequency", "3"], "--precondition_frequency"),  # adamw: no preconditioner
+    (["--optimizer", "soap", "--matrix_eps", "1e-3"], "--matrix_eps"),  # Shampoo's only
+    (["--reft_rank", "8"], "--reft_rank"),  # no --peft reft
+    (["--qat", "int8", "--qat_group_size", "32"], "--qat_group_size"),  # int8 is per channel
+    (["--smart_eps", "1e-3"], "--smart_eps"),  # --smart_lambda 0: SMART off
+    (["--smart_lambda", "1", "--bregman_beta", "0.5"], "--bregman_beta"),  # --bregman_mu 0
+])
+def test_a_flag_that_would_do_nothing_is_refused_at_start(flags, flag, capsys):
+    import classifier
+    from training.cli import entry_point
+
+    with pytest.raises(SystemExit) as exc:
+        entry_point(classifier.main)(["--fine-tune-mode", "full-model", *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"error: {flag}: has no effect" in err and "Traceback" not in err, err

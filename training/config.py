@@ -17,7 +17,7 @@ see an argparse namespace.  Validation errors are `ConfigError`s naming the FIEL
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, Optional, get_args
 
 from common.errors import ConfigError
@@ -39,6 +39,16 @@ def choices(literal) -> tuple[str, ...]:
 def check_choice(name: str, value, literal) -> None:
     if value not in choices(literal):
         raise ConfigError(name, f"{value!r} is not one of {', '.join(choices(literal))}")
+
+
+def check_unused(cfg, names: tuple[str, ...], active: bool, because: str) -> None:
+    """A setting moved off its default while what reads it is off does nothing: refused, naming it."""
+    if active:
+        return
+    defaults = {f.name: f.default for f in fields(cfg)}
+    for name in names:
+        if getattr(cfg, name) != defaults[name]:
+            raise ConfigError(name, f"has no effect {because}")
 
 
 def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False,
@@ -159,6 +169,10 @@ class TrainConfig:
         check_number("matrix_eps", self.matrix_eps, low=0.0, low_open=True)
         if self.shampoo_grafting not in ("adam", "none"):
             raise ConfigError("shampoo_grafting", f"{self.shampoo_grafting!r} is not one of adam, none")
+        check_unused(self, ("precondition_frequency", "max_precond_dim", "shampoo_beta", "precondition_embeddings"),
+                     self.optimizer in ("soap", "shampoo"), "unless optimizer is soap or shampoo")
+        check_unused(self, ("shampoo_grafting", "matrix_eps"), self.optimizer == "shampoo",
+                     "unless optimizer is shampoo")
         check_number("layer_lr_decay", self.layer_lr_decay, low=0.0, high=1.0, low_open=True)
         check_number("max_grad_norm", self.max_grad_norm)
         check_number("seed", self.seed, low=0, integer=True)
@@ -196,6 +210,8 @@ class EfficiencyConfig:
         if self.qat not in ("none", "int8", "int4"):
             raise ConfigError("qat", f"{self.qat!r} is not one of none, int8, int4")
         check_number("qat_group_size", self.qat_group_size, low=1, integer=True)
+        check_unused(self, ("qat_group_size",), self.qat == "int4", "unless qat is int4")
+        check_unused(self, ("reft_rank", "reft_layers", "reft_positions"), self.peft == "reft", "unless peft is reft")
         check_choice("freeze", self.freeze, FreezeMode)
         if self.peft == "lora":
             check_number("lora_r", self.lora_r, low=1, integer=True)
