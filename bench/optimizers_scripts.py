@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_description, markdown_table, write_results
+from common.io import read_jsonl_log
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("CS224N_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -89,11 +90,6 @@ def command(suite: str, optimizer: str, lr: float, run_dir: Path, args) -> list[
             "--epochs", str(args.classifier_epochs), "--limit", str(args.classifier_limit), *common]
 
 
-def read_log(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def curve(records: list[dict], smooth: int) -> list[dict]:
     """(step, smoothed train loss, training seconds so far) per step record; evaluation and
     checkpointing between epochs excluded (each epoch's clock starts at the record before its first step)."""
@@ -125,7 +121,7 @@ def run_one(suite: str, optimizer: str, lr: float, args) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
         logs = sorted(run_dir.rglob("metrics.jsonl"))
-        records = read_log(logs[-1])
+        records = read_jsonl_log(logs[-1])
     steps = curve(records, args.smooth)
     epochs = [r for r in records if r["event"] == "epoch"]
     dev = epochs[-1]["dev"]

@@ -13,7 +13,6 @@ Writes bench/results/reft.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_description, markdown_table, write_results
+from common.io import read_jsonl_log
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("CS224N_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -72,7 +72,7 @@ def run_one(name: str, args) -> dict:
         wall, load_after = time.perf_counter() - t0, os.getloadavg()[0]
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-        records = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl", encoding="utf-8")]
+        records = read_jsonl_log(tmp / "run" / "metrics.jsonl")
         ckpt_bytes = (tmp / "run" / "best.pt").stat().st_size
     start = next(r for r in records if r["event"] == "start")
     end = next(r for r in records if r["event"] == "done")

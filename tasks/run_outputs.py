@@ -8,8 +8,9 @@ what a prediction file cannot hold (class probabilities, the gold labels, the re
       generation (sonnet):
         {"task", "split", "prediction_file", "ids": [sonnet numbers], "texts", "references": [...] | null}
 
-`prediction_file` is the leaderboard file the run wrote from these outputs (tasks/leaderboard.py);
-members of one ensemble must agree on it.  The paraphrase classes are (no, yes) as in
+`prediction_file` is the leaderboard name of the predictions made from these outputs
+(tasks/leaderboard.py; a run may have written them under another path, e.g. `--para_dev_out`);
+members of one ensemble must agree on it, and ensemble.py writes its files under it.  The paraphrase classes are (no, yes) as in
 tasks/paraphrase.py.  Files are written atomically; a malformed one is a DataError naming it.
 """
 from __future__ import annotations

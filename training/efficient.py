@@ -234,10 +234,8 @@ def save_peft_adapter(state: dict, directory, base_model: str = "") -> Path:
     `adapter_model.safetensors` (the tensors under PeftModel's names), which
     `peft.PeftModel.from_pretrained(model, directory)` restores on the model the adapters were
     trained on (the same class, with the base weights; `base_model` is recorded as
-    base_model_name_or_path).  Written into a temporary directory, then renamed."""
-    import shutil
-    import tempfile
-
+    base_model_name_or_path).  Written in place: the caller writes into a temporary export directory
+    that is renamed whole (`models.hf_export.save_hf_checkpoint`'s `write_extra`)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -247,16 +245,10 @@ def save_peft_adapter(state: dict, directory, base_model: str = "") -> Path:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
                         modules_to_save=lora.modules_to_save or None, bias="none", base_model_name_or_path=base_model)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
-        config.save_pretrained(str(tmp))
-        tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state["tensors"].items()}
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state["tensors"].items()}
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     return directory
 
 

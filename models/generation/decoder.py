@@ -141,7 +141,6 @@ class Decoder:
         model.setup_kv_cache(batch_size, self.slots, dtype=dtype, static=compile)
         if device.type in FUSE_QKV_DEVICES:
             model.fuse_qkv()
-        self.padded = mask is not None
         key_valid = None
         if mask is not None:
             key_valid = torch.ones((mask.size(0), self.slots), dtype=torch.long, device=device)
