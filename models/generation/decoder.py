@@ -24,7 +24,10 @@ multiplies by a cached input-major copy of the embedding instead (`HEAD_INPUT_MA
 
 `compile=True`: the step has fixed shapes (the cache is addressed by a slot tensor and read
 whole under the step's mask), so `torch.compile` (mode "reduce-overhead" on CUDA: CUDA graphs)
-builds it once and every step replays it.  Nothing in a step reads a tensor back to the host.
+builds it once per shape and every step of a generation replays it.  The shapes are those of the
+call (batch rows, prompt length + max_new_tokens slots): another prompt length compiles again, and
+after dynamo's recompile limit the step falls back to eager (not yet bucketed to fixed sizes as
+gpt-fast does).  Nothing in a step reads a tensor back to the host.
 """
 from __future__ import annotations
 
