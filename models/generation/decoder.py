@@ -18,7 +18,8 @@ step needs is built once, in `__init__`:
 
 Only the last position goes through the output layer.  On a CPU it is applied in slices of
 `HEAD_CHUNK` vocabulary rows: the same products (bit for bit: every output element is the same
-dot product), about 1.4x faster than one (12 x 768) @ (768 x 50,257) matmul, which the BLAS
+dot product), 1.35x faster than one (12 x 768) @ (768 x 50,257) matmul (23.6 vs 31.9 ms, one
+thread, bench/RESULTS.md "Generation engine"), which the BLAS
 runs far below its speed on the smaller slices.  At one or two rows (batch-1 decoding) it
 multiplies by a cached input-major copy of the embedding instead (`HEAD_INPUT_MAJOR_ROWS`).
 
@@ -41,14 +42,14 @@ from modules.attention_patterns import choose_path
 
 HEAD_CHUNK = {"cpu": 1024}  # vocabulary rows per matmul of the output layer; devices not listed: one matmul
 # Up to this many rows the output layer multiplies by an input-major (D, V) copy of the embedding
-# instead (MKL's gemv streams it ~1.7x faster at one row, 1.25x at two; from three rows the sliced
+# instead (8.6 vs 12.7 ms at one row, 13.4 vs 20.3 ms at two; at 12 rows 31.7 vs 23.6: from three rows the sliced
 # (V, D) product wins).  The copy is cached per embedding tensor and rebuilt when the tensor
 # changes (version counter or storage).
 HEAD_INPUT_MAJOR_ROWS = {"cpu": 2}
 _input_major = WeakTensorKeyDictionary()  # embedding tensor -> (its identity and version, (D, V) copy)
 # Devices on which a generation fuses q/k/v.  Not CPUs: there the three (12 x 768) @ (768 x 768)
 # products cost what the one (12 x 768) @ (768 x 2,304) costs, while copying the weights into the
-# fused matrix takes ~60 ms per generate() call for gpt2 (about a token's time).
+# fused matrix takes ~54 ms per generate() call for gpt2 (about a token's time; measured 2026-12-01).
 FUSE_QKV_DEVICES = ("cuda",)
 
 
