@@ -40,7 +40,9 @@ import torch
 from bench.common import machine_description, markdown_table, sync, write_results
 from bench.model import build_pair
 from models.generation import left_pad, top_p_filter_full
+from models.generation.decoder import inference_copies
 from models.gpt2 import GPT2LMHeadModel
+from modules import inference_weights
 
 TOP_P, TEMPERATURE, BEAMS = 0.9, 1.0, 4
 MODES = {"greedy": dict(do_sample=False), "top-p": dict(do_sample=True, top_p=TOP_P, temperature=TEMPERATURE),
@@ -218,7 +220,10 @@ def main(argv=None) -> None:
     print(header)
     for dist, (ours, _) in models.items():
         print(f"{dist}: top-p {TOP_P} nucleus size median/min/max = {nucleus_sizes(ours, ids, mask)}")
-    table, payload = [], {"header": header, "args": vars(args), "rows": []}
+    copies = copies_cost(next(iter(models.values()))[0])
+    print("inference copies (modules/inference_weights.py), ms per generate() call: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in copies.items()))
+    table, payload = [], {"header": header, "args": vars(args), "rows": [], "inference_copies_ms": copies}
     for row in rows:
         engines, tokens = row_engines(row, models, ids, mask, wanted, device, args)
         t = run_row(engines, device, args.repeats if row[2] * row[3] <= 12 * 64 or row[1] != "beam" else 1)
@@ -244,6 +249,28 @@ ENGINES = ("eager", "compiled", "transformers", "starter")
 HEADER = ["dist", "decoding", "batch", "new", "eager tok/s", "compiled tok/s", "transformers tok/s",
           "starter tok/s", "eager / HF (CPU time)", "compiled / HF (CPU time)", "eager / HF (wall)",
           "eager / starter (CPU time)"]
+
+
+def copies_cost(model) -> dict[str, float]:
+    """What preparing the inference copies costs a generate() call: building them (first call, or
+    after the weights changed) and checking cached ones (every other call), packed (two or more
+    decode rows) and input-major (one row); median of 3, ms."""
+    def prepare(rows: int, cold: bool) -> float:
+        times = []
+        for _ in range(3):
+            if cold:
+                inference_weights.clear()
+            t0 = time.perf_counter()
+            with inference_copies([model], rows):
+                pass
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    out = {}
+    for rows, kind in ((12, "packed"), (1, "input-major")):
+        out[f"{kind} build"], out[f"{kind} check"] = prepare(rows, True), prepare(rows, False)
+    inference_weights.clear()
+    return out
 
 
 def speculative_rows(pair, ids, mask, device, args, payload) -> list[list[str]]:

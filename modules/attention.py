@@ -9,7 +9,8 @@ The KV cache (`modules/kv_cache.py`) is preallocated to (B, n_head, max_len, hea
 indexed by slot: a forward with `cache_start=s` writes its keys and values at slots s..s+T-1 and
 attends over slots 0..s+T-1.  Generation prefills with the prompt, then feeds one token at a time.
 For inference the three projections can be fused into one matmul (`fuse_qkv`), the layout of
-GPT-2's original `c_attn`; LoRA-wrapped projections are never fused.
+GPT-2's original `c_attn`; LoRA-wrapped projections are never fused.  During generation on a CPU
+the projections run through oneDNN-packed copies (`modules/inference_weights.py`).
 
 Sparse patterns (`modules/attention_patterns.py`) are masks on this same attention, run by one
 of three paths, all built by `build_attention_mask` from the one pattern function: a boolean SDPA
@@ -27,6 +28,7 @@ from torch import nn
 
 from config import GPT2Config
 from modules.attention_patterns import attention_mask_mod, positions_from_mask
+from modules.inference_weights import linear
 from modules.kv_cache import KVCache  # noqa: F401  (re-exported: the cache of CausalSelfAttention)
 from modules.sparse_attention import SparseLayout, build_sparse_layout, sparse_attention
 
@@ -85,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         if self.qkv_weight is not None and not torch.is_grad_enabled():
             q, k, v = (self.split_heads(t) for t in F.linear(x, self.qkv_weight, self.qkv_bias).split(D, dim=-1))
         else:
-            q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+            q, k, v = (self.split_heads(linear(p, x)) for p in (self.query, self.key, self.value))
         if cache_start is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_start given but no KV cache is set up (call setup_kv_cache first)")

@@ -13,6 +13,7 @@ from torch import nn
 
 from config import GPT2Config
 from modules.attention import CausalSelfAttention
+from modules.inference_weights import linear
 
 
 class GPT2Layer(nn.Module):
@@ -32,6 +33,6 @@ class GPT2Layer(nn.Module):
                 is_causal: bool = False, cache_start: Optional[int] = None) -> torch.Tensor:
         """hidden_states: (B, T, D) -> (B, T, D)."""
         a = self.self_attention(self.attention_layer_norm(hidden_states), attn_mask, is_causal, cache_start)
-        hidden_states = hidden_states + self.attention_dropout(self.attention_dense(a))
-        m = F.gelu(self.interm_dense(self.out_layer_norm(hidden_states)), approximate="tanh")
-        return hidden_states + self.out_dropout(self.out_dense(m))
+        hidden_states = hidden_states + self.attention_dropout(linear(self.attention_dense, a))
+        m = F.gelu(linear(self.interm_dense, self.out_layer_norm(hidden_states)), approximate="tanh")
+        return hidden_states + self.out_dropout(linear(self.out_dense, m))

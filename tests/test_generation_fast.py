@@ -91,24 +91,26 @@ def test_seeded_peaked_sampling_matches_transformers_through_the_fast_nucleus(pe
 # ---- lean decode step -----------------------------------------------------------------------------
 @torch.no_grad()
 def test_output_layer_fast_paths(peaked_vocab):
-    """Sliced (V, D) products from three rows: bit-identical; input-major copy at 1-2 rows: within
-    float32 rounding, and rebuilt when the embedding changes."""
+    """Sliced (V, D) products from three rows: bit-identical; the prepared copies (packed from two
+    rows, input-major at one): within float32 rounding, and rebuilt when the embedding changes."""
     gpt = peaked_vocab[0].gpt
     for n in (1, 2, 3, 5, 12):
         h = torch.randn(n, gpt.config.hidden_size)
         if n > 2:
             assert torch.equal(lm_logits(gpt, h), gpt.hidden_state_to_token(h))
-        else:
-            torch.testing.assert_close(lm_logits(gpt, h), gpt.hidden_state_to_token(h), rtol=0, atol=1e-5)
+        for rows in (1, 12):
+            with decoder_module.inference_copies([peaked_vocab[0]], rows):
+                torch.testing.assert_close(lm_logits(gpt, h), gpt.hidden_state_to_token(h), rtol=0, atol=1e-5)
     h = torch.randn(1, gpt.config.hidden_size)
     weight = gpt.word_embedding.weight
-    before = lm_logits(gpt, h)
+    with decoder_module.inference_copies([peaked_vocab[0]], 1):
+        before = lm_logits(gpt, h)
     try:
         weight.mul_(2.0)  # an in-place update (an optimizer step): the cached copy must not be reused
-        torch.testing.assert_close(lm_logits(gpt, h), 2 * before, rtol=1e-5, atol=1e-5)
+        with decoder_module.inference_copies([peaked_vocab[0]], 1):
+            torch.testing.assert_close(lm_logits(gpt, h), 2 * before, rtol=1e-5, atol=1e-5)
     finally:
         weight.div_(2.0)
-    decoder_module.clear_head_cache()
 
 
 def test_fused_qkv_matches_separate_projections(peaked_vocab):

@@ -25,6 +25,7 @@ step at which the last row finished.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from models.generation.beam import beam_search
+from models.generation.decoder import inference_copies
 from models.generation.processors import (LogitsSettings, apply_repetition_penalty, ban_repeated_ngrams,  # noqa: F401
                                           process_logits, top_k_filter, top_p_filter, top_p_filter_full)
 from models.generation.sampling import StopRules, decode
@@ -184,7 +186,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     modes = [m.training for m in models]
     for m in models:
         m.eval()
+    # Each model's decode forwards have these many rows (a speculative target verifies k + 1 per row).
+    rows = [B * (num_assistant_tokens + 1), B] if assistant_model is not None else [B * num_beams]
+    copies = contextlib.ExitStack()
     try:
+        for m, r in zip(models, rows):
+            copies.enter_context(inference_copies([m], r))
         if assistant_model is not None:
             out, run = speculative_decode(model, assistant_model, input_ids, mask, max_new_tokens, settings, rules,
                                           generator, num_assistant_tokens, on_token)
@@ -198,6 +205,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                          compile=compile, on_token=on_token)
             run = {}
     finally:
+        copies.close()
         for m, training in zip(models, modes):
             m.train(training)
     if stats is not None:

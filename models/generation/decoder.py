@@ -16,12 +16,14 @@ step needs is built once, in `__init__`:
   never fed back), and on `FUSE_QKV_DEVICES` the fused q/k/v projections
   (`GPT2PreTrainedModel.fuse_qkv`; skipped for LoRA-wrapped layers).
 
-Only the last position goes through the output layer.  On a CPU it is applied in slices of
-`HEAD_CHUNK` vocabulary rows: the same products (bit for bit: every output element is the same
-dot product), 1.35x faster than one (12 x 768) @ (768 x 50,257) matmul (23.6 vs 31.9 ms, one
-thread, bench/RESULTS.md "Generation engine"), which the BLAS
-runs far below its speed on the smaller slices.  At one or two rows (batch-1 decoding) it
-multiplies by a cached input-major copy of the embedding instead (`HEAD_INPUT_MAJOR_ROWS`).
+Only the last position goes through the output layer (`lm_logits`).  On a CPU, `generate()`
+runs every plain linear layer and the output layer through the copies of
+`modules.inference_weights` (`inference_copies`): oneDNN-packed weights when the decode forwards
+have two or more rows, input-major copies at one row, 1.2-1.7x faster products than `F.linear`
+(measured there), cached across calls and checked against the weights before each.  Without
+them the output layer runs in slices of `HEAD_CHUNK` vocabulary rows: the same products bit for
+bit, faster than one (12 x 768) @ (768 x 50,257) matmul, which the BLAS runs far below its speed
+on the smaller slices.
 
 `compile=True`: the step has fixed shapes (the cache is addressed by a slot tensor and read
 whole under the step's mask), so `torch.compile` (mode "reduce-overhead" on CUDA: CUDA graphs)
@@ -35,18 +37,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
+from modules import inference_weights
 from modules.attention import build_attention_mask
 from modules.attention_patterns import choose_path
 
 HEAD_CHUNK = {"cpu": 1024}  # vocabulary rows per matmul of the output layer; devices not listed: one matmul
-# Up to this many rows the output layer multiplies by an input-major (D, V) copy of the embedding
-# instead (8.6 vs 12.7 ms at one row, 13.4 vs 20.3 ms at two; at 12 rows 31.7 vs 23.6: from three rows the sliced
-# (V, D) product wins).  The copy is cached per embedding tensor and rebuilt when the tensor
-# changes (version counter or storage).
-HEAD_INPUT_MAJOR_ROWS = {"cpu": 2}
-_input_major = WeakTensorKeyDictionary()  # embedding tensor -> (its identity and version, (D, V) copy)
 # Devices on which a generation fuses q/k/v.  Not CPUs: there the three (12 x 768) @ (768 x 768)
 # products cost what the one (12 x 768) @ (768 x 2,304) costs, while copying the weights into the
 # fused matrix takes ~54 ms per generate() call for gpt2 (about a token's time; measured 2026-12-01).
@@ -54,39 +50,41 @@ FUSE_QKV_DEVICES = ("cuda",)
 
 
 def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
-    """The tied output layer on hidden states (N, D) -> float32 logits (N, V): bit for bit
-    `gpt.hidden_state_to_token(h).float()` from three rows on, within ~1e-5 at one or two rows
-    (another summation order).  Fast paths only for inference in fp32 (no grad, no autocast);
-    inside torch.compile the slices are concatenated (no `out=`)."""
+    """The tied output layer on hidden states (N, D) -> float32 logits (N, V), equal to
+    `gpt.hidden_state_to_token(h).float()`: within ~1e-6 through the copies that
+    `modules.inference_weights.active` prepared (oneDNN-packed from two rows, input-major at one:
+    another summation order), else bit for bit in slices of `HEAD_CHUNK` rows on a CPU.  Fast
+    paths only for inference in fp32 (no grad, no autocast); inside torch.compile the slices are
+    concatenated (no `out=`)."""
     weight = gpt.word_embedding.weight  # (V, D)
     chunk = HEAD_CHUNK.get(h.device.type)
     plain = (h.dtype == weight.dtype == torch.float32 and h.dim() == 2 and not torch.is_grad_enabled()
              and not torch.is_autocast_enabled(h.device.type))
-    if chunk is None or weight.size(0) <= chunk or not plain:
+    if not plain:
         return gpt.hidden_state_to_token(h).float()
     if torch.compiler.is_compiling():
+        if chunk is None or weight.size(0) <= chunk:
+            return gpt.hidden_state_to_token(h).float()
         return torch.cat([torch.mm(h, w.t()) for w in weight.split(chunk)], dim=1)
-    if h.size(0) <= HEAD_INPUT_MAJOR_ROWS.get(h.device.type, 0):
-        return h @ input_major(weight)
+    input_major = inference_weights.form(weight, "input_major")
+    if input_major is not None and h.size(0) == 1:
+        return h @ input_major
+    packed = inference_weights.form(weight, "packed")
+    if packed is not None:
+        return inference_weights.packed_linear(h, packed)
+    if chunk is None or weight.size(0) <= chunk:
+        return gpt.hidden_state_to_token(h).float()
     out = h.new_empty((h.size(0), weight.size(0)))
     for w, o in zip(weight.split(chunk), out.split(chunk, dim=1)):
         torch.mm(h, w.t(), out=o)
     return out
 
 
-def input_major(weight: torch.Tensor) -> torch.Tensor:
-    """The cached (D, V) contiguous transpose of `weight` (V, D), rebuilt after any change to it."""
-    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)
-    entry = _input_major.get(weight)
-    if entry is None or entry[0] != key:
-        entry = (key, weight.detach().t().contiguous())
-        _input_major[weight] = entry
-    return entry[1]
-
-
-def clear_head_cache() -> None:
-    """Free the input-major embedding copies kept by `lm_logits` (gpt2: 154 MB per model)."""
-    _input_major.clear()
+def inference_copies(models, rows: int):
+    """`modules.inference_weights.active` for the layers and tied output layers of `models`, whose
+    decode forwards have `rows` rows (context manager)."""
+    return inference_weights.active([m for model in models for m in model.gpt.modules()],
+                                    [model.gpt.word_embedding.weight for model in models], rows)
 
 
 def step_masks(gpt, key_valid: Optional[torch.Tensor], num_queries: int, start: int, device: torch.device,

@@ -1,0 +1,171 @@
+"""Inference copies of weights for no-grad CPU forwards: oneDNN-packed and input-major copies of
+the linear layers and of the tied output layer, cached across calls and checked against the
+weights before every use.
+
+Why.  A decode step multiplies a few rows by every weight matrix.  MKL's sgemm behind `F.linear`
+repacks the weight on every call and, on this AMD EPYC (AVX-512) core, runs the (12 x 768) @
+(768 x 3,072) product at ~7 GB/s of weights; oneDNN's matmul on a weight reordered once into its
+blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses)
+streams 1.5-1.7x faster: gpt2's 48 layer products per step take 35.7 instead of 60.6 ms at 12
+rows, 33.0 vs 57.0 at 2, 88 vs 131 at 48, 392 vs 511 ms for a 240-token prefill, and its output
+layer 16.9 instead of 26.7 ms (sliced) at 12 rows.  At one row (batch-1 decoding) the packed
+layout does not help (26.3-30.2 vs 27.1 ms), but `x @ W.T` on an input-major (in, out) copy
+does: 22.7 vs 27.1 ms for the layers, 7.6 vs 12.4 ms for the output layer, near the core's
+streaming limit (a `sum` over the same weights: 20.1 ms).  One thread, gpt2 shapes, weights
+streamed from memory (bench/RESULTS.md "Generation engine").  Either way the results are the
+same dot products in another summation order: within ~1e-6 of `F.linear` (tested to 1e-5).
+
+How.  `active(linears, heads, rows)` (used by `models.generation.generate`) prepares, for this
+thread and until it exits, a copy of every plain fp32 `nn.Linear` in `linears` and of every head
+weight in `heads`: packed when the decode forwards have `rows >= 2`, input-major at one row.
+`linear(module, x)` then runs a prepared module through its copy when gradients and autocast
+are off, x is fp32 and nothing is being compiled (a packed copy only from two rows of x on);
+anything else (training, LoRA- or quantization-wrapped layers, which are not plain `nn.Linear`,
+CUDA) calls `module(x)` unchanged.  `form(weight, kind)` gives a head's prepared copy.
+
+Cache and staleness.  Packing gpt2 costs ~330 ms, a few decode steps, so copies are kept across
+calls, weakly keyed by the weight tensor (freed with it; `clear()` frees them all).  Before each
+use a copy is checked: the weight's identity (storage address, shape, dtype, version counter:
+an optimizer step or `load_state_dict` bumps it) and its content, a fingerprint `W @ v` for a
+fixed random v (one read of the weights, ~35 ms for gpt2).  The fingerprint is what catches
+edits through `.data` (peft's LoRA merge, `weight.data[i] = ...`), which bump no version
+counter; it misses only changes too small to move a row's dot product with v by one float32
+rounding step.  Copies are made only up to `BUDGET_BYTES` per call (2 GiB: gpt2 and
+gpt2-medium; gpt2-large and gpt2-xl run unpacked rather than double their memory).  If this
+torch build lacks the oneDNN ops, or they disagree with `F.linear` on a probe, nothing is
+packed.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+DEVICES = ("cpu",)  # devices whose forwards use prepared copies
+BUDGET_BYTES = 2 * 2 ** 30  # most bytes of copies one `active` call may hold
+_cache = WeakTensorKeyDictionary()  # weight -> {kind: (identity, fingerprint, copy)}
+_probes: dict = {}  # device type -> whether the packed path works here
+_vectors: dict = {}  # (in_features, device) -> the fingerprint vector
+_state = threading.local()  # .copies: {id(weight): {kind: copy}}, .modules: {module: packed weight}
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def packing_works(device: torch.device) -> bool:
+    """Whether oneDNN-packed linears exist on `device` and agree with `F.linear` (probed once)."""
+    if device.type not in DEVICES:
+        return False
+    if device.type not in _probes:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                g = torch.Generator().manual_seed(0)
+                w, b, x = (torch.randn(s, generator=g) for s in ((64, 32), (64,), (5, 32)))
+                with torch.no_grad():
+                    ok = torch.allclose(_packed_linear(x, _pack(w), b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            ok = False
+        _probes[device.type] = ok
+    return _probes[device.type]
+
+
+def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    key = (weight.size(1), weight.device)
+    if key not in _vectors:
+        _vectors[key] = torch.randn(weight.size(1), generator=torch.Generator().manual_seed(0)).to(weight.device)
+    return torch.mv(weight.detach(), _vectors[key])
+
+
+def _identity(weight: torch.Tensor) -> tuple:
+    return weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), weight.dtype
+
+
+_BUILD = {"packed": _pack, "input_major": lambda w: w.detach().t().contiguous()}
+
+
+def _copy(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The cached `kind` copy of `weight`, rebuilt unless its identity and fingerprint still match."""
+    ident, fp = _identity(weight), _fingerprint(weight)
+    entries = _cache.setdefault(weight, {})
+    entry = entries.get(kind)
+    if entry is None or entry[0] != ident or not torch.equal(entry[1], fp):
+        entry = (ident, fp, _BUILD[kind](weight))
+        entries[kind] = entry
+    return entry[2]
+
+
+def _eligible(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type in DEVICES
+
+
+@contextmanager
+def active(linears: Iterable[nn.Module], heads: Iterable[torch.Tensor], rows: int):
+    """Prepare copies for this thread until exit, of the plain fp32 `nn.Linear` modules among
+    `linears` and of the (V, D) `heads`: packed when the decode forwards have `rows >= 2`, else
+    input-major.  Nested calls add to the outer one's copies."""
+    linears = [m for m in linears if type(m) is nn.Linear and _eligible(m.weight)]
+    heads = [w for w in heads if _eligible(w)]
+    kind = "packed" if rows >= 2 else "input_major"
+    if kind == "packed" and not all(packing_works(t.device) for t in [m.weight for m in linears] + heads):
+        linears, kind = [], "input_major"  # the heads' input-major copies still serve one-row logits
+    if sum(t.numel() * t.element_size() for t in [m.weight for m in linears] + heads) > BUDGET_BYTES:
+        linears, heads = [], []
+    outer_copies, outer_modules = getattr(_state, "copies", None), getattr(_state, "modules", None)
+    copies = {key: dict(kinds) for key, kinds in (outer_copies or {}).items()}
+    modules = dict(outer_modules or {})
+    with torch.no_grad():
+        for w in heads:
+            copies.setdefault(id(w), {})[kind] = _copy(w, kind)
+        for m in linears:
+            modules[m] = (kind, _copy(m.weight, kind))
+    _state.copies, _state.modules = copies, modules
+    try:
+        yield
+    finally:
+        _state.copies, _state.modules = outer_copies, outer_modules
+
+
+def form(weight: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
+    """The prepared `kind` ("packed" or "input_major") copy of a head weight, None outside `active`."""
+    copies = getattr(_state, "copies", None)
+    return None if copies is None else copies.get(id(weight), {}).get(kind)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through `packed`, the packed copy of weight (from `form`)."""
+    return _packed_linear(x, packed, bias)
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, through the copy `active` prepared for it when the call is plain fp32
+    inference: a packed copy from two rows of x on, an input-major copy at any number."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return module(x)
+    modules = getattr(_state, "modules", None)
+    prepared = None if not modules else modules.get(module)
+    if prepared is None or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+        return module(x)
+    kind, copy = prepared
+    if kind == "input_major":
+        flat = x.reshape(-1, x.size(-1))
+        out = torch.mm(flat, copy) if module.bias is None else torch.addmm(module.bias, flat, copy)
+        return out.view(*x.shape[:-1], copy.size(1))
+    if x.numel() < 2 * x.size(-1):
+        return module(x)
+    return _packed_linear(x, copy, module.bias)
+
+
+def clear() -> None:
+    """Free every cached copy (they are also freed with their weights)."""
+    _cache.clear()

@@ -1,0 +1,137 @@
+"""Prepared inference copies (modules/inference_weights.py): packed linears equal F.linear to float32
+rounding, are used only for plain fp32 no-grad inference on two or more rows inside `active`, and a
+cached copy is never used after its weight changed, including through `.data` (no version bump)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import build_pair
+from modules import inference_weights as iw
+
+pytestmark = pytest.mark.skipif(not iw.packing_works(torch.device("cpu")), reason="no oneDNN packed linears")
+
+
+def _layer(seed=0, d_in=48, d_out=80):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out)
+
+
+@torch.no_grad()
+def test_packed_linear_matches_f_linear_and_is_used_only_where_it_applies():
+    layer = _layer()
+    x2, x3, x1 = torch.randn(12, 48), torch.randn(3, 5, 48), torch.randn(1, 1, 48)
+    assert torch.equal(iw.linear(layer, x2), layer(x2))  # outside `active`: the module itself
+    with iw.active([layer], [], rows=12):
+        assert layer in iw._state.modules
+        for x in (x2, x3):
+            out = iw.linear(layer, x)
+            assert out.shape == layer(x).shape
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+        assert torch.equal(iw.linear(layer, x1), layer(x1))  # one row: plain F.linear is faster there
+        with torch.enable_grad():  # training never uses the copy; gradients reach the weight
+            y = iw.linear(layer, x2.requires_grad_())
+            assert torch.equal(y, layer(x2))
+            y.sum().backward()
+            assert layer.weight.grad is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert iw.linear(layer, x2).dtype == torch.bfloat16  # autocast: the module's own path
+    assert not getattr(iw._state, "modules", None)
+
+
+@torch.no_grad()
+def test_input_major_linear_for_one_row_decoding_matches_f_linear():
+    layer, no_bias = _layer(), nn.Linear(48, 80, bias=False)
+    with iw.active([layer, no_bias], [], rows=1):
+        for x in (torch.randn(1, 48), torch.randn(1, 1, 48), torch.randn(2, 7, 48)):  # steps, and the prefill
+            for m in (layer, no_bias):
+                out = iw.linear(m, x)
+                assert out.shape == m(x).shape
+                torch.testing.assert_close(out, F.linear(x, m.weight, m.bias), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_only_plain_fp32_linears_are_prepared_and_one_row_gets_head_copies_only():
+    class Wrapped(nn.Linear):  # stands for peft's LoRA or a quantized layer: not a plain nn.Linear
+        pass
+
+    plain, wrapped, half = _layer(), Wrapped(48, 80), _layer().to(torch.bfloat16)
+    head = torch.randn(100, 48)
+    with iw.active([plain, wrapped, half], [head], rows=4):
+        assert set(iw._state.modules) == {plain} and iw._state.modules[plain][0] == "packed"
+        assert iw.form(head, "packed") is not None and iw.form(head, "input_major") is None
+    with iw.active([plain, wrapped], [head], rows=1):
+        assert iw._state.modules[plain][0] == "input_major" and set(iw._state.modules) == {plain}
+        assert torch.equal(iw.form(head, "input_major"), head.t().contiguous())
+        assert iw.form(head, "packed") is None
+    assert iw.form(head, "input_major") is None  # outside `active`
+
+
+@pytest.mark.parametrize("rows", [6, 1])  # packed, input-major
+@torch.no_grad()
+def test_cached_copy_is_reused_and_rebuilt_after_any_change_to_the_weight(rows):
+    layer, x = _layer(), torch.randn(rows, 48)
+    with iw.active([layer], [], rows=rows):
+        first = iw._state.modules[layer][1]
+    with iw.active([layer], [], rows=rows):
+        assert iw._state.modules[layer][1] is first  # unchanged weights: the cached copy
+    for change in (lambda w: w.mul_(2.0),  # an optimizer step: bumps the version counter
+                   lambda w: w.data.mul_(0.5),  # peft's merge writes through .data: no version bump
+                   lambda w: w.data[3].add_(1.0)):  # one row edited through .data
+        change(layer.weight)
+        with iw.active([layer], [], rows=rows):
+            torch.testing.assert_close(iw.linear(layer, x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+    layer.weight.data = torch.randn(80, 48)  # a new tensor behind the parameter
+    with iw.active([layer], [], rows=rows):
+        torch.testing.assert_close(iw.linear(layer, x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_budget_and_a_failing_probe_leave_everything_unpacked(monkeypatch):
+    layer, head, x = _layer(), torch.randn(100, 48), torch.randn(6, 48)
+    monkeypatch.setattr(iw, "BUDGET_BYTES", 1000)
+    with iw.active([layer], [head], rows=6):
+        assert not iw._state.modules and iw.form(head, "packed") is None
+        assert torch.equal(iw.linear(layer, x), layer(x))
+    monkeypatch.setattr(iw, "BUDGET_BYTES", 2 ** 30)
+    monkeypatch.setattr(iw, "_probes", {})
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(iw, "_pack", broken)
+    assert not iw.packing_works(torch.device("cpu"))
+    with iw.active([layer], [head], rows=6):  # packing refused: the head's input-major copy still helps
+        assert not iw._state.modules and iw.form(head, "input_major") is not None
+    monkeypatch.setattr(iw, "_probes", {})
+
+
+@torch.no_grad()
+def test_copies_are_per_thread():
+    layer, x, seen = _layer(), torch.randn(6, 48), []
+    with iw.active([layer], [], rows=6):
+        worker = threading.Thread(target=lambda: seen.append(torch.equal(iw.linear(layer, x), layer(x))))
+        worker.start()
+        worker.join()
+    assert seen == [True]
+
+
+def test_generation_after_a_data_edit_equals_a_fresh_model(tmp_path):
+    """End to end: generate, edit the weights through .data (as a LoRA merge does), generate again:
+    the tokens are those of a model built with the edited weights from the start."""
+    ours, _ = build_pair(tmp_path / "a", final_ln_scale=8.0)
+    fresh, _ = build_pair(tmp_path / "b", final_ln_scale=8.0)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        before = ours.generate(ids, max_new_tokens=8, pad_token_id=0)  # fills the cache
+        for model in (ours, fresh):
+            for layer in model.gpt.gpt_layers:
+                layer.interm_dense.weight.data.mul_(-3.0)
+            model.gpt.word_embedding.weight.data[:, :8].mul_(-1.0)
+        after = ours.generate(ids, max_new_tokens=8, pad_token_id=0)
+        assert torch.equal(after, fresh.generate(ids, max_new_tokens=8, pad_token_id=0))
+        assert not torch.equal(after, before)  # the edit matters: stale copies would have repeated `before`
