@@ -19,7 +19,8 @@ How.  `active(linears, heads, rows)` (used by `models.generation.generate`) prep
 thread and until it exits, a copy of every plain fp32 `nn.Linear` in `linears` and of every head
 weight in `heads`: packed when the decode forwards have `rows >= 2`, input-major at one row.
 `linear(module, x)` then runs a prepared module through its copy when gradients and autocast
-are off, x is fp32 and nothing is being compiled (a packed copy only from two rows of x on);
+are off and x is fp32 (a packed copy only from two rows of x on and outside torch.compile,
+whose inductor cannot lower the packed op; an input-major copy also inside it);
 anything else (training, LoRA- or quantization-wrapped layers, which are not plain `nn.Linear`,
 CUDA) calls `module(x)` unchanged.  `form(weight, kind)` gives a head's prepared copy.
 
@@ -150,18 +151,18 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, through the copy `active` prepared for it when the call is plain fp32
     inference: a packed copy from two rows of x on, an input-major copy at any number."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled():
         return module(x)
     modules = getattr(_state, "modules", None)
     prepared = None if not modules else modules.get(module)
     if prepared is None or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
         return module(x)
     kind, copy = prepared
-    if kind == "input_major":
+    if kind == "input_major":  # also inside torch.compile: the copy is a graph input, read at every call
         flat = x.reshape(-1, x.size(-1))
         out = torch.mm(flat, copy) if module.bias is None else torch.addmm(module.bias, flat, copy)
         return out.view(*x.shape[:-1], copy.size(1))
-    if x.numel() < 2 * x.size(-1):
+    if x.numel() < 2 * x.size(-1) or torch.compiler.is_compiling():  # inductor cannot lower the packed op
         return module(x)
     return _packed_linear(x, copy, module.bias)
 

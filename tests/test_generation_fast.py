@@ -220,6 +220,24 @@ def test_compiled_decode_equals_eager_SLOW_COMPILE(small_vocab):
         assert torch.equal(compiled, eager), kwargs
 
 
+def test_compiled_one_row_decode_reads_the_current_input_major_copies_SLOW_COMPILE(small_vocab):
+    """Batch 1: the compiled step multiplies by the input-major copies (graph inputs, not baked-in
+    constants), so a weight edit through .data between calls reaches it like eager decoding."""
+    ours, _ = small_vocab
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    weight = ours.gpt.gpt_layers[0].interm_dense.weight
+    before = ours.generate(ids, max_new_tokens=8, pad_token_id=PAD, compile=True)
+    assert torch.equal(before, ours.generate(ids, max_new_tokens=8, pad_token_id=PAD))
+    saved = weight.detach().clone()
+    try:
+        weight.data.mul_(-4.0)
+        after = ours.generate(ids, max_new_tokens=8, pad_token_id=PAD, compile=True)
+        assert torch.equal(after, ours.generate(ids, max_new_tokens=8, pad_token_id=PAD))
+        assert not torch.equal(after, before)
+    finally:
+        weight.data.copy_(saved)
+
+
 def test_compiled_step_has_a_mask_table_for_one_unpadded_step(small_vocab):
     """The static step reads every cache slot, so even one unpadded decode step (max_new_tokens=2) needs
     its mask table: the builder's no-mask shortcut for a single query must not leave it out."""

@@ -54,21 +54,21 @@ def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
     `gpt.hidden_state_to_token(h).float()`: within ~1e-6 through the copies that
     `modules.inference_weights.active` prepared (oneDNN-packed from two rows, input-major at one:
     another summation order), else bit for bit in slices of `HEAD_CHUNK` rows on a CPU.  Fast
-    paths only for inference in fp32 (no grad, no autocast); inside torch.compile the slices are
-    concatenated (no `out=`)."""
+    paths only for inference in fp32 (no grad, no autocast); inside torch.compile only the
+    input-major copy is used and the slices are concatenated (no `out=`)."""
     weight = gpt.word_embedding.weight  # (V, D)
     chunk = HEAD_CHUNK.get(h.device.type)
     plain = (h.dtype == weight.dtype == torch.float32 and h.dim() == 2 and not torch.is_grad_enabled()
              and not torch.is_autocast_enabled(h.device.type))
     if not plain:
         return gpt.hidden_state_to_token(h).float()
+    input_major = inference_weights.form(weight, "input_major")
+    if input_major is not None and h.size(0) == 1:
+        return h @ input_major
     if torch.compiler.is_compiling():
         if chunk is None or weight.size(0) <= chunk:
             return gpt.hidden_state_to_token(h).float()
         return torch.cat([torch.mm(h, w.t()) for w in weight.split(chunk)], dim=1)
-    input_major = inference_weights.form(weight, "input_major")
-    if input_major is not None and h.size(0) == 1:
-        return h @ input_major
     packed = inference_weights.form(weight, "packed")
     if packed is not None:
         return inference_weights.packed_linear(h, packed)
