@@ -29,6 +29,11 @@ class GPT2Layer(nn.Module):
         self.out_dense = nn.Linear(config.intermediate_size, d)
         self.out_dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def linear_layers(self) -> tuple[nn.Module, ...]:
+        """The projections `forward` applies through `modules.inference_weights.linear`."""
+        a = self.self_attention
+        return a.query, a.key, a.value, self.attention_dense, self.interm_dense, self.out_dense
+
     def forward(self, hidden_states: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False, cache_start: Optional[int] = None) -> torch.Tensor:
         """hidden_states: (B, T, D) -> (B, T, D)."""

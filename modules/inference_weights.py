@@ -22,19 +22,20 @@ weight in `heads`: packed when the decode forwards have `rows >= 2`, input-major
 are off and x is fp32 (a packed copy only from two rows of x on and outside torch.compile,
 whose inductor cannot lower the packed op; an input-major copy also inside it);
 anything else (training, LoRA- or quantization-wrapped layers, which are not plain `nn.Linear`,
-CUDA) calls `module(x)` unchanged.  `form(weight, kind)` gives a head's prepared copy.
+a module with forward hooks, CUDA) calls `module(x)` unchanged.  `form(weight, kind)` gives a
+head's prepared copy.
 
-Cache and staleness.  Packing gpt2 costs ~330 ms, a few decode steps, so copies are kept across
-calls, weakly keyed by the weight tensor (freed with it; `clear()` frees them all).  Before each
-use a copy is checked: the weight's identity (storage address, shape, dtype, version counter:
-an optimizer step or `load_state_dict` bumps it) and its content, a fingerprint `W @ v` for a
-fixed random v (one read of the weights, ~35 ms for gpt2).  The fingerprint is what catches
-edits through `.data` (peft's LoRA merge, `weight.data[i] = ...`), which bump no version
-counter; it misses only changes too small to move a row's dot product with v by one float32
-rounding step.  Copies are made only up to `BUDGET_BYTES` per call (2 GiB: gpt2 and
-gpt2-medium; gpt2-large and gpt2-xl run unpacked rather than double their memory).  If this
-torch build lacks the oneDNN ops, or they disagree with `F.linear` on a probe, nothing is
-packed.
+Cache and staleness. Building gpt2's copies costs ~230 ms packed, ~280 ms input-major (a few
+decode steps), so they are kept across calls, weakly keyed by the weight tensor (freed with it;
+`clear()` frees them all). Before each use a copy is checked: the weight's identity (storage
+address, shape, dtype, version counter: an optimizer step or `load_state_dict` bumps it) and its
+content, a fingerprint `W @ v` for a fixed random v (one read of the weights: ~40-46 ms per call
+for gpt2). The fingerprint is what catches edits through `.data` (peft's LoRA merge,
+`weight.data[i] = ...`), which bump no version counter; it misses only changes too small to move
+a row's dot product with v by one float32 rounding step. Copies are made only up to
+`BUDGET_BYTES` per call (2 GiB: gpt2 and gpt2-medium; gpt2-large and gpt2-xl run unpacked rather
+than double their memory). If this torch build lacks the oneDNN ops, or they disagree with
+`F.linear` on a probe, nothing is packed.
 """
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
     modules = getattr(_state, "modules", None)
     prepared = None if not modules else modules.get(module)
-    if prepared is None or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+    if (prepared is None or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
+            or module._forward_hooks or module._forward_pre_hooks):  # hooks see the module's own call
         return module(x)
     kind, copy = prepared
     if kind == "input_major":  # also inside torch.compile: the copy is a graph input, read at every call

@@ -135,3 +135,37 @@ def test_generation_after_a_data_edit_equals_a_fresh_model(tmp_path):
         after = ours.generate(ids, max_new_tokens=8, pad_token_id=0)
         assert torch.equal(after, fresh.generate(ids, max_new_tokens=8, pad_token_id=0))
         assert not torch.equal(after, before)  # the edit matters: stale copies would have repeated `before`
+
+
+@torch.no_grad()
+def test_a_hooked_linear_runs_its_own_forward():
+    layer, calls = _layer(), []
+    handle = layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with iw.active([layer], [], rows=6):
+            iw.linear(layer, torch.randn(6, 48))
+    finally:
+        handle.remove()
+    assert calls == [1]
+
+
+def test_lora_wrapped_projections_get_no_copies_and_generate_as_without_copies(tmp_path, monkeypatch):
+    from models.generation.decoder import inference_copies
+    from training.efficient import apply_lora
+
+    ours, _ = build_pair(tmp_path, final_ln_scale=8.0)
+    apply_lora(ours, r=4, alpha=8.0, targets="attn")
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))  # adapters that change the output
+    layer = ours.gpt.gpt_layers[0]
+    with inference_copies([ours], 3):
+        prepared = set(iw._state.modules)
+    assert layer.interm_dense in prepared and layer.out_dense in prepared  # not LoRA targets: plain nn.Linear
+    assert all(m not in prepared and m.base_layer not in prepared
+               for m in (layer.self_attention.query, layer.self_attention.value, layer.attention_dense))
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        with_copies = ours.generate(ids, max_new_tokens=8, pad_token_id=0)
+        monkeypatch.setattr(iw, "DEVICES", ())
+        assert torch.equal(with_copies, ours.generate(ids, max_new_tokens=8, pad_token_id=0))

@@ -83,8 +83,8 @@ def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
 def inference_copies(models, rows: int):
     """`modules.inference_weights.active` for the layers and tied output layers of `models`, whose
     decode forwards have `rows` rows (context manager)."""
-    return inference_weights.active([m for model in models for m in model.gpt.modules()],
-                                    [model.gpt.word_embedding.weight for model in models], rows)
+    linears = [m for model in models for layer in model.gpt.gpt_layers for m in layer.linear_layers()]
+    return inference_weights.active(linears, [model.gpt.word_embedding.weight for model in models], rows)
 
 
 def step_masks(gpt, key_valid: Optional[torch.Tensor], num_queries: int, start: int, device: torch.device,
