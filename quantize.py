@@ -125,8 +125,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--calib_tokens ({args.calib_tokens}) must be at least one --window ({args.window}) block")
         if args.calib_corpus.resolve() == args.eval_corpus.resolve():
             print("warning: --calib_corpus is the --eval_corpus: GPTQ then sees the text it is scored on")
-    elif args.calib_corpus is not None:
-        p.error("--calib_corpus is only used by --methods gptq")
+    else:
+        unused = [f"--{f}" for f in ("calib_corpus", "calib_tokens", "gptq_bits", "gptq_damp", "gptq_block_size")
+                  if getattr(args, f) != p.get_default(f)]
+        if unused:
+            p.error(f"{', '.join(unused)}: only used by --methods gptq; add gptq to --methods or drop them")
+    if not needs_groups and args.group_size != p.get_default("group_size"):
+        p.error("--group_size is only used by --methods int4 and 4-bit gptq; add one of them or drop it")
 
 
 def method_spec(method: str, args) -> QuantSpec:

@@ -87,7 +87,10 @@ def test_quantize_embedding_and_task_prediction(tiny_hf_checkpoint, tokenizer_di
     (["--methods", "gptq", "--group_size", "64"], "--methods gptq needs --calib_corpus"),
     (["--methods", "int8", "--window", "4096"], "--window must be in"),
     (["--methods", "int8", "int8"], "--methods lists a method twice"),
-    (["--methods", "int8", "--calib_corpus", "x.txt"], "--calib_corpus is only used by --methods gptq"),
+    (["--methods", "int8", "--calib_corpus", "x.txt"], "--calib_corpus: only used by --methods gptq"),
+    (["--methods", "int8", "--gptq_bits", "8", "--gptq_damp", "0.1"],
+     "--gptq_bits, --gptq_damp: only used by --methods gptq"),
+    (["--methods", "int8", "--group_size", "64"], "--group_size is only used by --methods int4"),
     (["--methods", "int8", "--max_tokens", "1"], "--max_tokens must be >= 2"),
 ])
 def test_bad_flags_are_refused_before_any_work(tiny_hf_checkpoint, tmp_path, capsys, extra, message):
