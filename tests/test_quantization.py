@@ -215,6 +215,27 @@ def test_gptq_model_quantizes_every_layer_and_fits_calibration_better():
     assert err["gptq"] < err["rtn"]
 
 
+def test_gptq_key_and_value_use_the_hessian_of_their_own_inputs():
+    """q/k/v share one Hessian: it is the one each of them accumulates from its own inputs."""
+    model = small_model()
+    calibration = torch.randint(0, 512, (6, 16))
+    spec = quant.QuantSpec(4, 16)
+    attention = model.gpt.gpt_layers[0].self_attention
+    own = {name: HessianAccumulator(getattr(attention, name).in_features, torch.device("cpu")) for name in ("key", "value")}
+    handles = [getattr(attention, name).register_forward_hook(lambda m, a, o, acc=acc: acc.add(a[0]))
+               for name, acc in own.items()]
+    with torch.no_grad():
+        for batch in calibration.split(8):
+            model.gpt.encode(batch)
+    for h in handles:
+        h.remove()
+    quantized = quant.gptq_quantize_model(copy.deepcopy(model), calibration, spec)
+    for name, acc in own.items():
+        q, scales = quant.gptq_quantize_weight(getattr(attention, name).weight, acc.hessian(), spec)
+        layer = getattr(quantized.gpt.gpt_layers[0].self_attention, name)
+        assert torch.equal(layer.integers(), q) and torch.equal(layer.scales, scales)
+
+
 # ---- quantized checkpoints ---------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["int8", "int4", "gptq", "int4+embedding"])
 def test_save_load_roundtrip_identical_logits(method, tmp_path, tokenizer_dir):

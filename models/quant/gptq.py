@@ -37,7 +37,8 @@ from models.quant.modules import QuantizedLinear, check_groups, record
 from models.quant.primitives import QuantSpec, group_scales
 
 # The linear layers of a GPT2Layer in the order the data reaches them; one group is quantized
-# from inputs produced by the already-quantized groups before it.
+# from inputs produced by the already-quantized groups before it.  The layers of a group read the
+# same input (q/k/v: the attention LayerNorm's output), so they share one Hessian.
 SEQUENTIAL_GROUPS = (("self_attention.query", "self_attention.key", "self_attention.value"),
                      ("attention_dense",), ("interm_dense",), ("out_dense",))
 
@@ -175,17 +176,17 @@ def gptq_quantize_model(model: nn.Module, calibration: torch.Tensor, spec: Quant
     for index, layer in enumerate(model.backbone.gpt_layers):
         for names in SEQUENTIAL_GROUPS:
             targets = {name: layer.get_submodule(name) for name in names}
-            accumulators = {name: HessianAccumulator(m.in_features, device) for name, m in targets.items()}
-            handles = [m.register_forward_hook(lambda mod, args, out, acc=accumulators[name]: acc.add(args[0]))
-                       for name, m in targets.items()]
+            first = targets[names[0]]
+            accumulator = HessianAccumulator(first.in_features, device)
+            handle = first.register_forward_hook(lambda mod, args, out: accumulator.add(args[0]))
             try:
                 for h in hidden:
                     layer(h, *extra[index])
             finally:
-                for handle in handles:
-                    handle.remove()
+                handle.remove()
+            hessian = accumulator.hessian()
             for name, linear in targets.items():
-                q, scales = gptq_quantize_weight(linear.weight, accumulators[name].hessian(), spec, damp, block_size)
+                q, scales = gptq_quantize_weight(linear.weight, hessian, spec, damp, block_size)
                 layer.set_submodule(name, QuantizedLinear.from_integers(q, scales, spec, linear.bias))
                 if progress is not None:
                     progress(f"gpt_layers.{index}.{name}")
