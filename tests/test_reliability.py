@@ -328,3 +328,19 @@ def test_a_flag_that_would_do_nothing_is_refused_at_start(flags, flag, capsys):
         entry_point(classifier.main)(["--fine-tune-mode", "full-model", *flags])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"error: {flag}: has no effect" in err and "Traceback" not in err, err
+
+
+def test_resume_accepts_a_shared_flag_added_since_the_run_started_only_at_its_default(tmp_path):
+    from training.checkpoint import check_signature
+    from training.cli import shared_defaults
+
+    now = {"--lr": 1e-5, "--qat": "none", "--optimizer": "adamw"}
+    saved = {"--lr": 1e-5, "--optimizer": "adamw"}  # started before --qat existed
+    assert shared_defaults()["--qat"] == "none"
+    check_signature(saved, now, tmp_path)
+    with pytest.raises(UserError, match="other settings.*--qat: saved None, now 'int8'"):
+        check_signature(saved, {**now, "--qat": "int8"}, tmp_path)
+    with pytest.raises(UserError, match="other settings.*--my_script_flag"):  # not a shared flag: no default known
+        check_signature(saved, {**now, "--my_script_flag": 3}, tmp_path)
+    with pytest.raises(UserError, match="other settings.*--optimizer"):  # a flag the run had still must match
+        check_signature(saved, {**now, "--optimizer": "soap"}, tmp_path)

@@ -105,14 +105,19 @@ def check_finite(obj, path, where: str = "") -> None:
 
 def check_signature(saved: dict, now: dict, resume_dir) -> None:
     """UserError unless a resumed run shares the settings and the data of the run it continues.  A
-    run started before data fingerprints were recorded has none to compare."""
+    run started before data fingerprints were recorded has none to compare; one started before a
+    shared flag existed resumes with that flag at its default."""
     changed = [f"{k[len(DATA_KEY):]}: {saved[k]} when the run started, now {now[k]}"
                for k in sorted(now) if k.startswith(DATA_KEY) and k in saved and saved[k] != now[k]]
     if changed:
         raise UserError(f"--resume {resume_dir}: the training data changed since the run started "
                         f"({'; '.join(changed)}); restore the files the run was started with, or start a new run")
+    from training.cli import shared_defaults
+
+    defaults = shared_defaults()
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
-            if saved.get(k) != now.get(k) and not k.startswith(DATA_KEY)}
+            if saved.get(k) != now.get(k) and not k.startswith(DATA_KEY)
+            and not (k not in saved and k in defaults and now[k] == defaults[k])}  # a flag added since, at its default
     if diff:
         lines = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise UserError(f"--resume {resume_dir}: the run was started with other settings ({lines}); resume with the "

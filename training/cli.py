@@ -313,16 +313,25 @@ def _fill(cls, args: argparse.Namespace, **extra):
     return cls(**{**values, **extra})
 
 
+def _signature_value(v):
+    ok = (int, float, str, bool, type(None))
+    return v if isinstance(v, ok) or (isinstance(v, list) and all(isinstance(x, ok) for x in v)) else str(v)
+
+
 def signature(args: argparse.Namespace, resume_free: Iterable[str] = ()) -> dict:
     """The flags a resumed run must share with the run it continues: all but the resume-free ones."""
     free = RESUME_FREE | set(resume_free)
-    ok = (int, float, str, bool, type(None))
-    out = {}
-    for k, v in sorted(vars(args).items()):
-        if k in free:
-            continue
-        out[flag_for(k)] = v if isinstance(v, ok) or (isinstance(v, list) and all(isinstance(x, ok) for x in v)) else str(v)
-    return out
+    return {flag_for(k): _signature_value(v) for k, v in sorted(vars(args).items()) if k not in free}
+
+
+@functools.lru_cache(maxsize=1)
+def shared_defaults() -> dict:
+    """Signature key -> default of every shared flag: what a run started before the flag existed ran
+    with (a new flag's default keeps the old behaviour), so `--resume` accepts it at that value."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_common_args(parser)
+    add_smart_args(parser)
+    return {flag_for(a.dest): _signature_value(a.default) for a in parser._actions}
 
 
 def build_configs(args: argparse.Namespace, resume_free: Iterable[str] = ()) -> RunConfig:
