@@ -32,13 +32,15 @@ address, shape, dtype, version counter: an optimizer step or `load_state_dict` b
 content, a fingerprint `W @ v` for a fixed random v (one read of the weights: ~40-46 ms per call
 for gpt2). The fingerprint is what catches edits through `.data` (peft's LoRA merge,
 `weight.data[i] = ...`), which bump no version counter; it misses only changes too small to move
-a row's dot product with v by one float32 rounding step. Copies are made only up to
-`BUDGET_BYTES` per call (2 GiB: gpt2 and gpt2-medium; gpt2-large and gpt2-xl run unpacked rather
-than double their memory). If this torch build lacks the oneDNN ops, or they disagree with
-`F.linear` on a probe, nothing is packed.
+a row's dot product with v by one float32 rounding step. The cache holds at most `BUDGET_BYTES`
+(2 GiB), dropping the least recently used copies beyond it: gpt2 keeps both kinds (~0.5 GB
+each), gpt2-medium (1.4 GB) one; a call that alone needs more (gpt2-large, gpt2-xl) runs without
+copies rather than double the model's memory. If this torch build lacks the oneDNN ops, or they
+disagree with `F.linear` on a probe, nothing is packed.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from contextlib import contextmanager
 from typing import Iterable, Optional
@@ -49,8 +51,9 @@ from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 DEVICES = ("cpu",)  # devices whose forwards use prepared copies
-BUDGET_BYTES = 2 * 2 ** 30  # most bytes of copies one `active` call may hold
-_cache = WeakTensorKeyDictionary()  # weight -> {kind: (identity, fingerprint, copy)}
+BUDGET_BYTES = 2 * 2 ** 30  # most bytes of copies kept (and that one `active` call may need)
+_cache = WeakTensorKeyDictionary()  # weight -> {kind: [identity, fingerprint, copy, last use]}
+_uses = itertools.count()
 _probes: dict = {}  # device type -> whether the packed path works here
 _vectors: dict = {}  # (in_features, device) -> the fingerprint vector
 _state = threading.local()  # .copies: {id(weight): {kind: copy}}, .modules: {module: packed weight}
@@ -102,9 +105,28 @@ def _copy(weight: torch.Tensor, kind: str) -> torch.Tensor:
     entries = _cache.setdefault(weight, {})
     entry = entries.get(kind)
     if entry is None or entry[0] != ident or not torch.equal(entry[1], fp):
-        entry = (ident, fp, _BUILD[kind](weight))
+        entries.pop(kind, None)  # the stale copy goes before the new one is built
+        entry = [ident, fp, _BUILD[kind](weight), 0]
         entries[kind] = entry
+    entry[3] = next(_uses)
     return entry[2]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _make_room(keep: set, room: int) -> None:
+    """Drop the least recently used copies whose ids are not in `keep` until the cache holds at most
+    BUDGET_BYTES - `room` (the bytes about to be added)."""
+    entries = sorted(((e[3], weight, kind, _nbytes(e[2])) for weight, kinds in _cache.items()
+                      for kind, e in kinds.items() if id(e[2]) not in keep), key=lambda x: x[0])
+    total = sum(_nbytes(e[2]) for kinds in _cache.values() for e in kinds.values())
+    for _, weight, kind, size in entries:
+        if total + room <= BUDGET_BYTES:
+            break
+        del _cache[weight][kind]
+        total -= size
 
 
 def _eligible(weight: torch.Tensor) -> bool:
@@ -121,11 +143,16 @@ def active(linears: Iterable[nn.Module], heads: Iterable[torch.Tensor], rows: in
     kind = "packed" if rows >= 2 else "input_major"
     if kind == "packed" and not all(packing_works(t.device) for t in [m.weight for m in linears] + heads):
         linears, kind = [], "input_major"  # the heads' input-major copies still serve one-row logits
-    if sum(t.numel() * t.element_size() for t in [m.weight for m in linears] + heads) > BUDGET_BYTES:
+    if sum(_nbytes(t) for t in [m.weight for m in linears] + heads) > BUDGET_BYTES:
         linears, heads = [], []
     outer_copies, outer_modules = getattr(_state, "copies", None), getattr(_state, "modules", None)
     copies = {key: dict(kinds) for key, kinds in (outer_copies or {}).items()}
     modules = dict(outer_modules or {})
+    wanted = heads + [m.weight for m in linears]
+    cached = [_cache.get(w, {}).get(kind) for w in wanted]
+    keep = ({id(c) for kinds in copies.values() for c in kinds.values()} | {id(c) for _, c in modules.values()}
+            | {id(e[2]) for e in cached if e is not None})
+    _make_room(keep, sum(_nbytes(w) for w, e in zip(wanted, cached) if e is None))  # before building
     with torch.no_grad():
         for w in heads:
             copies.setdefault(id(w), {})[kind] = _copy(w, kind)

@@ -169,3 +169,25 @@ def test_lora_wrapped_projections_get_no_copies_and_generate_as_without_copies(t
         with_copies = ours.generate(ids, max_new_tokens=8, pad_token_id=0)
         monkeypatch.setattr(iw, "DEVICES", ())
         assert torch.equal(with_copies, ours.generate(ids, max_new_tokens=8, pad_token_id=0))
+
+
+@torch.no_grad()
+def test_the_cache_keeps_at_most_its_budget_dropping_the_least_recently_used(monkeypatch):
+    iw.clear()
+    a, b = _layer(0), _layer(1)
+    size = a.weight.numel() * a.weight.element_size()
+    monkeypatch.setattr(iw, "BUDGET_BYTES", 3 * size)  # room for three copies
+    for rows in (4, 1):  # both kinds of a: two copies
+        with iw.active([a], [], rows=rows):
+            pass
+    with iw.active([b], [], rows=4):  # a third: still within the budget
+        pass
+    assert set(iw._cache[a.weight]) == {"packed", "input_major"} and set(iw._cache[b.weight]) == {"packed"}
+    kept = iw._cache[a.weight]["input_major"][2]
+    with iw.active([b], [], rows=1):  # a fourth: a's packed copy, the least recently used, goes first
+        assert set(iw._cache[a.weight]) == {"input_major"} and set(iw._cache[b.weight]) == {"packed", "input_major"}
+        x = torch.randn(1, 48)
+        torch.testing.assert_close(iw.linear(b, x), b(x), rtol=0, atol=1e-5)
+    with iw.active([a], [], rows=1):
+        assert iw._state.modules[a][1] is kept  # reused, not rebuilt
+    iw.clear()
