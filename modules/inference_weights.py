@@ -56,10 +56,11 @@ _cache = WeakTensorKeyDictionary()  # weight -> {kind: [identity, fingerprint, c
 _uses = itertools.count()
 _probes: dict = {}  # device type -> whether the packed path works here
 _vectors: dict = {}  # (in_features, device) -> the fingerprint vector
-_state = threading.local()  # .copies: {id(weight): {kind: copy}}, .modules: {module: packed weight}
+_state = threading.local()  # .copies: {id(head weight): {kind: copy}}, .modules: {module: (kind, copy)}
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through `packed`, the packed copy of weight (from `form`)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -78,7 +79,7 @@ def packing_works(device: torch.device) -> bool:
                 g = torch.Generator().manual_seed(0)
                 w, b, x = (torch.randn(s, generator=g) for s in ((64, 32), (64,), (5, 32)))
                 with torch.no_grad():
-                    ok = torch.allclose(_packed_linear(x, _pack(w), b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+                    ok = torch.allclose(packed_linear(x, _pack(w), b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
         except (RuntimeError, AttributeError, NotImplementedError):
             ok = False
         _probes[device.type] = ok
@@ -171,11 +172,6 @@ def form(weight: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
     return None if copies is None else copies.get(id(weight), {}).get(kind)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` through `packed`, the packed copy of weight (from `form`)."""
-    return _packed_linear(x, packed, bias)
-
-
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, through the copy `active` prepared for it when the call is plain fp32
     inference: a packed copy from two rows of x on, an input-major copy at any number."""
@@ -193,7 +189,7 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return out.view(*x.shape[:-1], copy.size(1))
     if x.numel() < 2 * x.size(-1) or torch.compiler.is_compiling():  # inductor cannot lower the packed op
         return module(x)
-    return _packed_linear(x, copy, module.bias)
+    return packed_linear(x, copy, module.bias)
 
 
 def clear() -> None:
