@@ -156,6 +156,38 @@ def test_generate_on_cuda(fake, decoding, monkeypatch):
     assert all(layer.self_attention.kv_cache is None for layer in model.gpt.gpt_layers)  # cleared afterwards
 
 
+@pytest.mark.parametrize("decoding", [dict(), dict(do_sample=True, top_p=0.9), dict(eos_token_id=7)],
+                         ids=["greedy", "sampling", "eos"])
+def test_speculative_generate_on_cuda(fake, decoding):
+    """Speculative decoding with target and draft on the device: drafting, the batched verify
+    forward, rejection sampling and cache compaction, the host reads answering as on the CPU."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    kwargs = dict(max_new_tokens=12, num_assistant_tokens=3, **decoding)
+
+    def draft():
+        torch.manual_seed(1)
+        return GPT2LMHeadModel(small_config(num_hidden_layers=1, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0))
+
+    def on_cpu(**more):
+        ids, mask = generation.left_pad(prompts, pad_id=95)
+        return fresh_lm().generate(ids, mask, assistant_model=draft(), **{**kwargs, **more})
+
+    with unfaked():
+        reads = host_reads(on_cpu)
+        expected_shape = on_cpu().shape
+        stats = {}
+        longer = host_reads(lambda: on_cpu(max_new_tokens=30, stats=stats))
+    # One host read per verify round (and one per cache compaction) beyond a fixed few.
+    assert len(longer) <= stats["target_forwards"] + stats["compactions"] + 6
+    model, assistant = placed(fresh_lm, CUDA), placed(draft, CUDA)
+    ids, mask = generation.left_pad(prompts, pad_id=95)
+    with Replay(reads) as replay:
+        out = model.generate(ids.to(CUDA), mask.to(CUDA), assistant_model=assistant, **kwargs)
+    assert out.device == CUDA and out.shape == expected_shape and not replay.values
+    assert all(layer.self_attention.kv_cache is None for m in (model, assistant) for layer in m.gpt.gpt_layers)
+
+
 def test_kv_cache_prefill_and_decode_steps_on_cuda(fake):
     """The model side of a generation by hand: cache set-up, a padded prefill, three one-token steps."""
     model = placed(lambda: fresh_lm().eval(), CUDA)

@@ -17,7 +17,9 @@ marks slots s+n+1..s+k invalid (masked out, like padding; positions come from th
 row is encoded as if they were never there) and the next iteration starts at s + 1 + max n.
 When the slots run out, the cache is compacted (each row's valid slots moved to the right end).
 The draft re-feeds the token at slot s - 1 with its first proposal: after k acceptances that
-is d_k, which the draft had proposed but not yet cached.
+is d_k, which the draft had proposed but not yet cached.  Host reads: one per round (how far the
+slots advance, -1 once every row is done; with `on_token` one more), the statistics are counted
+on the device and read at the end, and no boolean-mask indexing (a device sync) is used.
 """
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
     n_out = torch.zeros(B, dtype=torch.long, device=device)  # committed new tokens
     newlines = torch.zeros(B, dtype=torch.long, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    n_iter = drafted = accepted = compactions = 0
+    n_iter = compactions = 0
+    drafted, accepted = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))  # read at the end
     emitted = 0  # new-token indices passed to on_token
 
     def emit(upto: int) -> None:  # indices emitted..upto-1, every row's final token (pad past a row's end)
@@ -115,7 +118,8 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
         done, newlines = rules.hits(last, newlines)
         unfinished &= ~done & (n_out < max_new_tokens)
         s = P
-        while bool(unfinished.any()):
+        more = bool(unfinished.any())  # then each round reads once, at its end
+        while more:
             if s + k + 1 > slots:
                 s = _compact((model, draft), key_valid, slot_tokens, s)
                 compactions += 1
@@ -181,8 +185,8 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
             length = torch.where(ends, done.to(torch.long).argmax(1) + 1, n_acc + 1) * unfinished  # tokens kept
             out.scatter_(1, n_out[:, None] + steps, committed)  # past `length`: overwritten later or cropped
             newlines = cum_nl.gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1).where(length > 0, newlines)
-            drafted += k * int(unfinished.sum())
-            accepted += int((n_acc * unfinished).sum())
+            drafted += k * unfinished.sum()
+            accepted += (n_acc * unfinished).sum()
             # Cache bookkeeping: slots s..s+k hold [last, d_1..d_k]; valid up to the accepted prefix.
             slot_tokens[:, s:s + k + 1] = fed
             key_valid[:, s:s + k + 1] = ((steps[None, :] <= n_acc[:, None]) & unfinished[:, None]).to(key_valid.dtype)
@@ -190,11 +194,12 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
             pos += n_acc + 1
             last = committed.gather(1, n_acc[:, None]).squeeze(1)
             unfinished &= ~ends
-            if not bool(unfinished.any()):
+            advance = int(torch.where(unfinished, n_acc, -1).max())  # the round's one host read; -1: all done
+            if advance < 0:
                 break
             if on_token is not None:
-                emit(int(n_out[unfinished].min()))
-            s += 1 + int(n_acc[unfinished].max())
+                emit(int(torch.where(unfinished, n_out, max_new_tokens).min()))
+            s += 1 + advance
     finally:
         for m in (model, draft):
             m.clear_kv_cache()
@@ -203,6 +208,7 @@ def speculative_decode(model, draft, input_ids: torch.Tensor, mask: Optional[tor
     if on_token is not None:
         emit(width)
     new = out[:, :width].masked_fill(torch.arange(width, device=device)[None, :] >= n_out[:, None], rules.pad)
+    drafted, accepted = int(drafted), int(accepted)
     stats = {"target_forwards": n_iter + 1, "draft_tokens": drafted, "accepted_tokens": accepted,
              "acceptance_rate": accepted / drafted if drafted else float("nan"), "compactions": compactions}
     return torch.cat((input_ids, new), 1), stats
