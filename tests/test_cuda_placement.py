@@ -146,8 +146,8 @@ def test_generate_on_cuda(fake, decoding, monkeypatch):
         reads = host_reads(on_cpu)
         expected_shape = on_cpu().shape
         longer = host_reads(lambda: on_cpu(max_new_tokens=18))
-    # No host read per token: 8 more steps add at most one stop check (a few reads in beam search).
-    assert len(longer) - len(reads) <= (3 if "eos_token_id" in decoding else 0)
+    # No host read per token: 8 more steps add at most one stop check, one read (beam search too).
+    assert len(longer) - len(reads) <= (1 if "eos_token_id" in decoding else 0)
     model = placed(fresh_lm, CUDA)
     ids, mask = generation.left_pad(prompts, pad_id=95)
     with Replay(reads) as replay:

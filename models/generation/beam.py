@@ -111,9 +111,10 @@ def beam_search(model, input_ids: torch.Tensor, mask: Optional[torch.Tensor], ma
             worst_finished = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], BEAM_DEAD)
             improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
             if (t + 1) % check_every == 0 or t + 1 == max_new_tokens:
-                go_on = bool(improvable.any()) and not (early_stopping is True and bool(fin_done.all())) \
-                    and not bool(hits.all())
-                if not go_on:
+                stop = ~improvable.any() | hits.all()
+                if early_stopping is True:
+                    stop |= fin_done.all()
+                if bool(stop):  # one host read per check
                     break
     finally:
         decoder.close()
