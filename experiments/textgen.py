@@ -27,9 +27,7 @@ import torch
 
 from common.errors import ConfigError
 from common.io import read_jsonl_log
-from common.precision import autocast
-from models.generation import left_pad
-from tasks.completion import SpeculativeTally
+from tasks.completion import generate_in_batches, keep_prompt_ends
 
 
 @dataclass
@@ -94,25 +92,11 @@ def complete(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     eos = tokenizer.eos_token_id
     budget = prompt_budget(model.config.max_position_embeddings, max_new_tokens, max_length)
     seqs = [s or [eos] for s in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    cut = [i for i, s in enumerate(seqs) if len(s) > budget]
-    if cut:
-        report(f"{len(cut)} prompt(s) longer than {budget} tokens keep their last {budget} tokens: prompts {cut[:5]}")
-    seqs = [s[-budget:] for s in seqs]
-    generator = torch.Generator(device).manual_seed(seed)
-    kwargs = dict(generate_kwargs or {})
-    out, tally = [], SpeculativeTally()
-    for start in range(0, len(seqs), batch_size):
-        ids, mask = left_pad(seqs[start:start + batch_size], eos)
-        stats = tally.stats_for(kwargs)
-        with autocast(device, precision):
-            result = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                    eos_token_id=eos, pad_token_id=eos, generator=generator, stats=stats, **kwargs)
-        tally.add(stats)
-        for row in result[:, ids.shape[1]:].tolist():
-            out.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row))
-    if tally.line():
-        report(tally.line())
-    return out
+    seqs = keep_prompt_ends(seqs, budget, report, "")
+    rows = generate_in_batches(model, seqs, eos=eos, device=device, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, seed=seed, precision=precision,
+                               generate_kwargs=generate_kwargs, report=report)
+    return [tokenizer.decode(row[:row.index(eos)] if eos in row else row) for row in rows]
 
 
 class TokenStream:

@@ -46,6 +46,44 @@ class SpeculativeTally:
                 f"{self.forwards} target forwards for {self.new_tokens} new-token slots")
 
 
+def keep_prompt_ends(seqs: list[list[int]], budget: int, report: Callable[[str], None], why: str) -> list[list[int]]:
+    """Every token list cut to its last `budget` tokens (the lines a continuation follows); the
+    indices of the cut ones are reported, with `why` (the budget's origin)."""
+    cut = [i for i, s in enumerate(seqs) if len(s) > budget]
+    if cut:
+        report(f"{len(cut)} prompt(s) longer than {budget} tokens{why} keep their last {budget} tokens: prompts {cut[:5]}")
+    return [s[-budget:] if len(s) > budget else s for s in seqs]
+
+
+def generate_in_batches(model, seqs: list[list[int]], *, eos: int, device: torch.device, batch_size: int,
+                        max_new_tokens: int, seed: int, precision: str = "fp32",
+                        generate_kwargs: Optional[dict] = None,
+                        batch_kwargs: Callable[[int, int], dict] = lambda start, n: {},
+                        report: Callable[[str], None] = print) -> list[list[int]]:
+    """The new tokens (EOS-padded) of every token list: `model.generate` over left-padded batches of
+    `batch_size`, stopping at EOS, one generator seeded with `seed` for the whole run;
+    `batch_kwargs(start, n)` adds per-batch arguments (e.g. stop rules).  Speculative decoding's
+    acceptance counts are summed and reported."""
+    generator = torch.Generator(device).manual_seed(seed)
+    kwargs = dict(generate_kwargs or {})
+    out, tally = [], SpeculativeTally()
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        ids, mask = left_pad(chunk, eos)
+        stats = tally.stats_for(kwargs)
+        with autocast(device, precision):
+            result = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                    pad_token_id=eos, generator=generator, stats=stats,
+                                    **kwargs, **batch_kwargs(start, len(chunk)))
+        tally.add(stats)
+        out.extend(result[:, ids.shape[1]:].tolist())
+    if len(out) != len(seqs):
+        raise RuntimeError(f"{len(out)} completions for {len(seqs)} prompts")
+    if tally.line():
+        report(tally.line())
+    return out
+
+
 class SonnetWriter:
     """Completes sonnet prompts with `model.generate`; `generate_kwargs` come from a GenerationConfig."""
 
@@ -68,35 +106,20 @@ class SonnetWriter:
             raise ValueError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in the model's "
                              f"{context} positions; lower max_new_tokens")
         seqs = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        cut = [i for i, s in enumerate(seqs) if len(s) > budget]
-        if cut:
-            self.report(f"[sonnet] {len(cut)} prompt(s) longer than {budget} tokens (context {context} - "
-                        f"max_new_tokens {self.max_new_tokens}) keep their last {budget} tokens: prompts {cut[:5]}")
-        return [s[-budget:] if len(s) > budget else s for s in seqs]
+        return keep_prompt_ends(seqs, budget, lambda line: self.report(f"[sonnet] {line}"),
+                                f" (context {context} - max_new_tokens {self.max_new_tokens})")
 
     @torch.no_grad()
     def complete(self, model, prompts: list[str]) -> list[str]:
         tok = self.tokenizer
-        context = model.config.max_position_embeddings
-        seqs = self.encode(prompts, context)
-        generator = torch.Generator(self.device).manual_seed(self.seed)
-        out, tally = [], SpeculativeTally()
-        for start in range(0, len(prompts), self.batch_size):
-            chunk, chunk_ids = prompts[start:start + self.batch_size], seqs[start:start + self.batch_size]
-            ids, mask = left_pad(chunk_ids, tok.eos_token_id)
-            stops = torch.tensor([max(1, SONNET_LINES - p.count("\n")) for p in chunk], device=self.device)
-            stats = tally.stats_for(self.kwargs)
-            with autocast(self.device, self.precision):
-                result = model.generate(ids.to(self.device), mask.to(self.device), max_new_tokens=self.max_new_tokens,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                                        generator=generator, stop_newlines=stops, newline_counts=self.newlines,
-                                        stats=stats, **self.kwargs)
-            tally.add(stats)
-            for prompt, row in zip(chunk, result[:, ids.shape[1]:].tolist()):
-                new = tok.decode([t for t in row if t != tok.eos_token_id])
-                out.append((prompt + new).rstrip())
-        if len(out) != len(prompts):
-            raise RuntimeError(f"{len(out)} sonnets completed for {len(prompts)} prompts")
-        if tally.line():
-            self.report(f"[sonnet] {tally.line()}")
-        return out
+        seqs = self.encode(prompts, model.config.max_position_embeddings)
+        # Each row stops at the end of its 14th line: its continuation holds 14 - prompt lines + 1 newlines.
+        stops = [max(1, SONNET_LINES - p.count("\n")) for p in prompts]
+        rows = generate_in_batches(
+            model, seqs, eos=tok.eos_token_id, device=self.device, batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens, seed=self.seed, precision=self.precision, generate_kwargs=self.kwargs,
+            batch_kwargs=lambda start, n: dict(stop_newlines=torch.tensor(stops[start:start + n], device=self.device),
+                                               newline_counts=self.newlines),
+            report=lambda line: self.report(f"[sonnet] {line}"))
+        return [(prompt + tok.decode([t for t in row if t != tok.eos_token_id])).rstrip()
+                for prompt, row in zip(prompts, rows)]
