@@ -80,7 +80,7 @@ def packing_works(device: torch.device) -> bool:
                 w, b, x = (torch.randn(s, generator=g) for s in ((64, 32), (64,), (5, 32)))
                 with torch.no_grad():
                     ok = torch.allclose(packed_linear(x, _pack(w), b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-        except (RuntimeError, AttributeError, NotImplementedError):
+        except (RuntimeError, AttributeError, NotImplementedError, TypeError):
             ok = False
         _probes[device.type] = ok
     return _probes[device.type]
