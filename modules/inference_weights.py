@@ -6,24 +6,25 @@ Why.  A decode step multiplies a few rows by every weight matrix.  MKL's sgemm b
 repacks the weight on every call and, on this AMD EPYC (AVX-512) core, runs the (12 x 768) @
 (768 x 3,072) product at ~7 GB/s of weights; oneDNN's matmul on a weight reordered once into its
 blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses)
-streams 1.5-1.7x faster: gpt2's 48 layer products per step take 35.7 instead of 60.6 ms at 12
+streams 1.5-1.7x faster on one thread: gpt2's 48 layer products per step take 35.7, not 60.6 ms, at 12
 rows, 33.0 vs 57.0 at 2, 88 vs 131 at 48, 392 vs 511 ms for a 240-token prefill, and its output
-layer 16.9 instead of 26.7 ms (sliced) at 12 rows.  At one row (batch-1 decoding) the packed
-layout does not help (26.3-30.2 vs 27.1 ms), but `x @ W.T` on an input-major (in, out) copy
-does: 22.7 vs 27.1 ms for the layers, 7.6 vs 12.4 ms for the output layer, near the core's
-streaming limit (a `sum` over the same weights: 20.1 ms).  One thread, gpt2 shapes, weights
-streamed from memory (bench/RESULTS.md "Generation engine").  Either way the results are the
-same dot products in another summation order: within ~1e-6 of `F.linear` (tested to 1e-5).
+layer 16.9 instead of 26.7 ms (sliced) at 12 rows.  At one row (batch-1 decoding) on one
+thread the packed layout does not help (24.3-30.2 vs 27.1 ms), but `x @ W.T` on an input-major
+(in, out) copy does: 22.7 vs 27.1 ms for the layers, 7.6 vs 12.4 ms for the output layer, near
+the core's streaming limit (a `sum` over the same weights: 20.1 ms).  On two threads oneDNN's
+packed product uses both and MKL's one-row product does not: 15.6 vs 27.3 ms at one row (the
+input-major copy 25.7), 17.9 vs 38.8 at 12 rows.  gpt2 shapes, weights streamed from memory
+(bench/RESULTS.md "Generation engine").  Either way the results are the same dot products in
+another summation order: within ~1e-6 of `F.linear` (tested to 1e-5).
 
 How.  `active(linears, heads, rows)` (used by `models.generation.generate`) prepares, for this
 thread and until it exits, a copy of every plain fp32 `nn.Linear` in `linears` and of every head
-weight in `heads`: packed when the decode forwards have `rows >= 2`, input-major at one row.
-`linear(module, x)` then runs a prepared module through its copy when gradients and autocast
-are off and x is fp32 (a packed copy only from two rows of x on and outside torch.compile,
-whose inductor cannot lower the packed op; an input-major copy also inside it);
-anything else (training, LoRA- or quantization-wrapped layers, which are not plain `nn.Linear`,
-a module with forward hooks, CUDA) calls `module(x)` unchanged.  `form(weight, kind)` gives a
-head's prepared copy.
+weight in `heads`: packed when the decode forwards have `rows >= 2` or torch runs on more than one
+thread, else input-major.  `linear(module, x)` then runs a prepared module through its copy when
+gradients and autocast are off and x is fp32 (a packed copy not inside torch.compile, whose
+inductor cannot lower the packed op; an input-major copy also there); anything else (training,
+LoRA- or quantization-wrapped layers, which are not plain `nn.Linear`, a module with forward
+hooks, CUDA) calls `module(x)` unchanged.  `form(weight, kind)` gives a head's prepared copy.
 
 Cache and staleness. Building gpt2's copies costs ~230 ms packed, ~280 ms input-major (a few
 decode steps), so they are kept across calls, weakly keyed by the weight tensor (freed with it;
@@ -135,13 +136,16 @@ def _eligible(weight: torch.Tensor) -> bool:
 
 
 @contextmanager
-def active(linears: Iterable[nn.Module], heads: Iterable[torch.Tensor], rows: int):
+def active(linears: Iterable[nn.Module], heads: Iterable[torch.Tensor], rows: int, compiled: bool = False):
     """Prepare copies for this thread until exit, of the plain fp32 `nn.Linear` modules among
-    `linears` and of the (V, D) `heads`: packed when the decode forwards have `rows >= 2`, else
-    input-major.  Nested calls add to the outer one's copies."""
+    `linears` and of the (V, D) `heads`: packed when the decode forwards have `rows >= 2` or torch
+    runs on several threads, else input-major; input-major also for one-row forwards in a compiled
+    step (`compiled`), which cannot use packed ones.  Nested calls add to the outer one's copies."""
     linears = [m for m in linears if type(m) is nn.Linear and _eligible(m.weight)]
     heads = [w for w in heads if _eligible(w)]
-    kind = "packed" if rows >= 2 else "input_major"
+    # One row on one thread: input-major copies beat the packed ones; with more threads oneDNN's
+    # packed product uses them all and MKL's one-row product does not (measured; module docstring).
+    kind = "packed" if rows >= 2 or (torch.get_num_threads() > 1 and not compiled) else "input_major"
     if kind == "packed" and not all(packing_works(t.device) for t in [m.weight for m in linears] + heads):
         linears, kind = [], "input_major"  # the heads' input-major copies still serve one-row logits
     if sum(_nbytes(t) for t in [m.weight for m in linears] + heads) > BUDGET_BYTES:
@@ -149,6 +153,8 @@ def active(linears: Iterable[nn.Module], heads: Iterable[torch.Tensor], rows: in
     outer_copies, outer_modules = getattr(_state, "copies", None), getattr(_state, "modules", None)
     copies = {key: dict(kinds) for key, kinds in (outer_copies or {}).items()}
     modules = dict(outer_modules or {})
+    # An outer call's copy (more rows: a target sharing layers with its draft) stays.
+    linears = [m for m in linears if m not in modules]
     wanted = heads + [m.weight for m in linears]
     cached = [_cache.get(w, {}).get(kind) for w in wanted]
     keep = ({id(c) for kinds in copies.values() for c in kinds.values()} | {id(c) for _, c in modules.values()}
@@ -174,7 +180,7 @@ def form(weight: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, through the copy `active` prepared for it when the call is plain fp32
-    inference: a packed copy from two rows of x on, an input-major copy at any number."""
+    inference (a packed copy not inside torch.compile)."""
     if torch.is_grad_enabled():
         return module(x)
     modules = getattr(_state, "modules", None)
@@ -187,7 +193,7 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
         out = torch.mm(flat, copy) if module.bias is None else torch.addmm(module.bias, flat, copy)
         return out.view(*x.shape[:-1], copy.size(1))
-    if x.numel() < 2 * x.size(-1) or torch.compiler.is_compiling():  # inductor cannot lower the packed op
+    if torch.compiler.is_compiling():  # inductor cannot lower the packed op
         return module(x)
     return packed_linear(x, copy, module.bias)
 

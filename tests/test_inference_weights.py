@@ -1,6 +1,7 @@
-"""Prepared inference copies (modules/inference_weights.py): packed linears equal F.linear to float32
-rounding, are used only for plain fp32 no-grad inference on two or more rows inside `active`, and a
-cached copy is never used after its weight changed, including through `.data` (no version bump)."""
+"""Prepared inference copies (modules/inference_weights.py): packed and input-major linears equal
+F.linear to float32 rounding, are used only for plain fp32 no-grad inference inside `active`, the kind
+follows the rows and threads, and a cached copy is never used after its weight changed, including
+through `.data` (no version bump)."""
 from __future__ import annotations
 
 import threading
@@ -16,6 +17,14 @@ from modules import inference_weights as iw
 pytestmark = pytest.mark.skipif(not iw.packing_works(torch.device("cpu")), reason="no oneDNN packed linears")
 
 
+@pytest.fixture()
+def threads():
+    """Run a test body on a set number of torch threads (the copies' kind depends on it)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 def _layer(seed=0, d_in=48, d_out=80):
     torch.manual_seed(seed)
     return nn.Linear(d_in, d_out)
@@ -28,11 +37,10 @@ def test_packed_linear_matches_f_linear_and_is_used_only_where_it_applies():
     assert torch.equal(iw.linear(layer, x2), layer(x2))  # outside `active`: the module itself
     with iw.active([layer], [], rows=12):
         assert layer in iw._state.modules
-        for x in (x2, x3):
+        for x in (x2, x3, x1):
             out = iw.linear(layer, x)
             assert out.shape == layer(x).shape
             torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
-        assert torch.equal(iw.linear(layer, x1), layer(x1))  # one row: plain F.linear is faster there
         with torch.enable_grad():  # training never uses the copy; gradients reach the weight
             y = iw.linear(layer, x2.requires_grad_())
             assert torch.equal(y, layer(x2))
@@ -44,9 +52,11 @@ def test_packed_linear_matches_f_linear_and_is_used_only_where_it_applies():
 
 
 @torch.no_grad()
-def test_input_major_linear_for_one_row_decoding_matches_f_linear():
+def test_input_major_linear_for_one_row_decoding_matches_f_linear(threads):
+    threads(1)
     layer, no_bias = _layer(), nn.Linear(48, 80, bias=False)
     with iw.active([layer, no_bias], [], rows=1):
+        assert iw._state.modules[layer][0] == "input_major"
         for x in (torch.randn(1, 48), torch.randn(1, 1, 48), torch.randn(2, 7, 48)):  # steps, and the prefill
             for m in (layer, no_bias):
                 out = iw.linear(m, x)
@@ -55,7 +65,7 @@ def test_input_major_linear_for_one_row_decoding_matches_f_linear():
 
 
 @torch.no_grad()
-def test_only_plain_fp32_linears_are_prepared_and_one_row_gets_head_copies_only():
+def test_only_plain_fp32_linears_are_prepared_and_the_kind_follows_rows_and_threads(threads):
     class Wrapped(nn.Linear):  # stands for peft's LoRA or a quantized layer: not a plain nn.Linear
         pass
 
@@ -64,16 +74,23 @@ def test_only_plain_fp32_linears_are_prepared_and_one_row_gets_head_copies_only(
     with iw.active([plain, wrapped, half], [head], rows=4):
         assert set(iw._state.modules) == {plain} and iw._state.modules[plain][0] == "packed"
         assert iw.form(head, "packed") is not None and iw.form(head, "input_major") is None
-    with iw.active([plain, wrapped], [head], rows=1):
+    threads(1)
+    with iw.active([plain, wrapped], [head], rows=1):  # one row, one thread: input-major copies
         assert iw._state.modules[plain][0] == "input_major" and set(iw._state.modules) == {plain}
         assert torch.equal(iw.form(head, "input_major"), head.t().contiguous())
         assert iw.form(head, "packed") is None
+    threads(2)
+    with iw.active([plain], [head], rows=1):  # two threads: oneDNN's packed product uses both
+        assert iw._state.modules[plain][0] == "packed" and iw.form(head, "packed") is not None
+    with iw.active([plain], [head], rows=1, compiled=True):  # a compiled step can use input-major ones only
+        assert iw._state.modules[plain][0] == "input_major"
     assert iw.form(head, "input_major") is None  # outside `active`
 
 
 @pytest.mark.parametrize("rows", [6, 1])  # packed, input-major
 @torch.no_grad()
-def test_cached_copy_is_reused_and_rebuilt_after_any_change_to_the_weight(rows):
+def test_cached_copy_is_reused_and_rebuilt_after_any_change_to_the_weight(rows, threads):
+    threads(1)
     layer, x = _layer(), torch.randn(rows, 48)
     with iw.active([layer], [], rows=rows):
         first = iw._state.modules[layer][1]
@@ -172,7 +189,8 @@ def test_lora_wrapped_projections_get_no_copies_and_generate_as_without_copies(t
 
 
 @torch.no_grad()
-def test_the_cache_keeps_at_most_its_budget_dropping_the_least_recently_used(monkeypatch):
+def test_the_cache_keeps_at_most_its_budget_dropping_the_least_recently_used(monkeypatch, threads):
+    threads(1)  # rows 1: input-major, rows 4: packed
     iw.clear()
     a, b = _layer(0), _layer(1)
     size = a.weight.numel() * a.weight.element_size()

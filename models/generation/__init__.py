@@ -191,7 +191,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     copies = contextlib.ExitStack()
     try:
         for m, r in zip(models, rows):
-            copies.enter_context(inference_copies([m], r))
+            copies.enter_context(inference_copies([m], r, compiled=compile))
         if assistant_model is not None:
             out, run = speculative_decode(model, assistant_model, input_ids, mask, max_new_tokens, settings, rules,
                                           generator, num_assistant_tokens, on_token)

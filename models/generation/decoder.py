@@ -80,11 +80,11 @@ def lm_logits(gpt, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def inference_copies(models, rows: int):
+def inference_copies(models, rows: int, compiled: bool = False):
     """`modules.inference_weights.active` for the layers and tied output layers of `models`, whose
-    decode forwards have `rows` rows (context manager)."""
+    decode forwards have `rows` rows (in a compiled step: `compiled`) (context manager)."""
     linears = [m for model in models for layer in model.gpt.gpt_layers for m in layer.linear_layers()]
-    return inference_weights.active(linears, [model.gpt.word_embedding.weight for model in models], rows)
+    return inference_weights.active(linears, [model.gpt.word_embedding.weight for model in models], rows, compiled)
 
 
 def step_masks(gpt, key_valid: Optional[torch.Tensor], num_queries: int, start: int, device: torch.device,
