@@ -96,7 +96,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     continuation holds that many "\\n" (needs `newline_counts`, made by
     `models.generation.newline_counts(tokenizer)`).  `compile=True` runs the decode steps through
     one `torch.compile`d static step (compiled once per shape; meant for GPUs, CUDA graphs: on a
-    CPU the eager step through the packed weight copies is faster from two rows on).  `assistant_model` (a GPT2LMHeadModel with the same vocabulary) turns on
+    CPU the eager step through the packed weight copies is faster from two rows on).
+    `assistant_model` (a GPT2LMHeadModel with the same vocabulary) turns on
     speculative decoding: it proposes `num_assistant_tokens` tokens, the model verifies them in
     one forward.  `stats`, a dict, receives counts of the run (`new_tokens`; with an assistant
     also `target_forwards`, `draft_tokens`, `accepted_tokens`, `acceptance_rate`, `compactions`).
