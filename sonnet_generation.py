@@ -29,6 +29,7 @@ from experiments.textgen import generation_kwargs
 from lm.corpus import join_documents, pack_blocks
 from models.gpt2 import GPT2LMHeadModel
 from models.losses import next_token_loss
+from modules import inference_weights
 from tasks.completion import SonnetWriter
 from tasks.leaderboard import SONNET_DEV_FILE, SONNET_TEST_FILE, default_path
 from tasks.run_outputs import write_text_outputs
@@ -128,6 +129,7 @@ def main(argv=None) -> dict | None:
         metrics = {"loss": total / count}
         if args.select_by == "chrf":
             texts = writer.complete(model, [p for _, p in dev_prompts])
+            inference_weights.clear(model.parameters())  # stale after the next step: not held until then
             metrics["chrf"] = chrf(texts, dev_gold)
             return Evaluation(metrics, {"dev_sonnets": texts})  # the best epoch's need no regeneration
         return metrics

@@ -198,6 +198,12 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return packed_linear(x, copy, module.bias)
 
 
-def clear() -> None:
-    """Free every cached copy (they are also freed with their weights)."""
-    _cache.clear()
+def clear(weights: Optional[Iterable[torch.Tensor]] = None) -> None:
+    """Free the cached copies of `weights` (default: all of them); they are also freed with their
+    weights.  A training loop that generates between steps frees its model's copies this way, since
+    the next step makes them stale."""
+    if weights is None:
+        _cache.clear()
+        return
+    for w in weights:
+        _cache.pop(w, None)

@@ -209,3 +209,14 @@ def test_the_cache_keeps_at_most_its_budget_dropping_the_least_recently_used(mon
     with iw.active([a], [], rows=1):
         assert iw._state.modules[a][1] is kept  # reused, not rebuilt
     iw.clear()
+
+
+@torch.no_grad()
+def test_clear_frees_the_copies_of_given_weights_or_all():
+    a, b = _layer(0), _layer(1)
+    with iw.active([a, b], [], rows=4):
+        pass
+    iw.clear(a.parameters())
+    assert a.weight not in iw._cache and b.weight in iw._cache
+    iw.clear()
+    assert b.weight not in iw._cache
