@@ -26,18 +26,22 @@ inductor cannot lower the packed op; an input-major copy also there); anything e
 LoRA- or quantization-wrapped layers, which are not plain `nn.Linear`, a module with forward
 hooks, CUDA) calls `module(x)` unchanged.  `form(weight, kind)` gives a head's prepared copy.
 
-Cache and staleness. Building gpt2's copies costs ~230 ms packed, ~280 ms input-major (a few
-decode steps), so they are kept across calls, weakly keyed by the weight tensor (freed with it;
-`clear()` frees them all). Before each use a copy is checked: the weight's identity (storage
-address, shape, dtype, version counter: an optimizer step or `load_state_dict` bumps it) and its
-content, a fingerprint `W @ v` for a fixed random v (one read of the weights: ~40-46 ms per call
-for gpt2). The fingerprint is what catches edits through `.data` (peft's LoRA merge,
-`weight.data[i] = ...`), which bump no version counter; it misses only changes too small to move
-a row's dot product with v by one float32 rounding step. The cache holds at most `BUDGET_BYTES`
-(2 GiB), dropping the least recently used copies beyond it: gpt2 keeps both kinds (~0.5 GB
-each), gpt2-medium (1.4 GB) one; a call that alone needs more (gpt2-large, gpt2-xl) runs without
-copies rather than double the model's memory. If this torch build lacks the oneDNN ops, or they
-disagree with `F.linear` on a probe, nothing is packed.
+Cache and staleness (checked when `active` is entered: weights changed inside it, e.g. by an
+`on_token` callback, are not seen until the next call). Building gpt2's copies costs ~230 ms
+packed, ~280 ms input-major (a few decode steps), so they are kept across calls, weakly keyed by
+the weight tensor (freed with it; `clear()` frees them all). Before each use a copy is checked:
+the weight's identity (storage address, shape, dtype, version counter: an optimizer step or
+`load_state_dict` bumps it) and its content, a fingerprint `W @ v` for a fixed random v (one
+read of the weights: 40-54 ms per call for gpt2). The fingerprint is what catches edits through
+`.data` (peft's LoRA merge, `weight.data[i] = ...`), which bump no version counter; it misses
+only changes too small to move a row's dot product with v by one float32 rounding step. The
+cache holds at most `BUDGET_BYTES` (2 GiB), dropping the least recently used copies beyond it:
+gpt2 keeps both kinds (~0.5 GB each), gpt2-medium (1.4 GB) one; a call that alone needs more
+(gpt2-large, gpt2-xl) runs without copies rather than double the model's memory; copies of a
+weight that is no longer eligible (the model was cast or moved) are dropped when it is next
+passed. A lock guards the cache while a call prepares (two models may generate in two threads; one
+model's KV cache is its own, so one model is not shared between threads). If this torch build lacks
+the oneDNN ops, or they disagree with `F.linear` on a probe, nothing is packed.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ DEVICES = ("cpu",)  # devices whose forwards use prepared copies
 BUDGET_BYTES = 2 * 2 ** 30  # most bytes of copies kept (and that one `active` call may need)
 _cache = WeakTensorKeyDictionary()  # weight -> {kind: [identity, fingerprint, copy, last use]}
 _uses = itertools.count()
+_lock = threading.Lock()  # guards _cache while a call prepares its copies (threads may generate at once)
 _probes: dict = {}  # device type -> whether the packed path works here
 _vectors: dict = {}  # (in_features, device) -> the fingerprint vector
 _state = threading.local()  # .copies: {id(head weight): {kind: copy}}, .modules: {module: (kind, copy)}
@@ -95,22 +100,31 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _identity(weight: torch.Tensor) -> tuple:
-    return weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), weight.dtype
+    # Inference-mode tensors have no version counter (the fingerprint still checks their content).
+    version = None if weight.is_inference() else weight._version
+    return weight.data_ptr(), version, tuple(weight.shape), tuple(weight.stride()), weight.dtype
 
 
 _BUILD = {"packed": _pack, "input_major": lambda w: w.detach().t().contiguous()}
 
 
-def _copy(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The cached `kind` copy of `weight`, rebuilt unless its identity and fingerprint still match."""
-    ident, fp = _identity(weight), _fingerprint(weight)
-    entries = _cache.setdefault(weight, {})
-    entry = entries.get(kind)
-    if entry is None or entry[0] != ident or not torch.equal(entry[1], fp):
-        entries.pop(kind, None)  # the stale copy goes before the new one is built
-        entry = [ident, fp, _BUILD[kind](weight), 0]
-        entries[kind] = entry
+def _cached(weight: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
+    """The cached `kind` copy of `weight` if its identity and fingerprint still match, else None
+    (a stale copy is dropped at once)."""
+    entries = _cache.get(weight)
+    entry = None if entries is None else entries.get(kind)
+    if entry is None:
+        return None
+    if entry[0] != _identity(weight) or not torch.equal(entry[1], _fingerprint(weight)):
+        del entries[kind]
+        return None
     entry[3] = next(_uses)
+    return entry[2]
+
+
+def _build(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    entry = [_identity(weight), _fingerprint(weight), _BUILD[kind](weight), next(_uses)]
+    _cache.setdefault(weight, {})[kind] = entry
     return entry[2]
 
 
@@ -132,7 +146,8 @@ def _make_room(keep: set, room: int) -> None:
 
 
 def _eligible(weight: torch.Tensor) -> bool:
-    return weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type in DEVICES
+    return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type in DEVICES
+            and weight.is_contiguous())
 
 
 @contextmanager
@@ -141,6 +156,11 @@ def active(linears: Iterable[nn.Module], heads: Iterable[torch.Tensor], rows: in
     `linears` and of the (V, D) `heads`: packed when the decode forwards have `rows >= 2` or torch
     runs on several threads, else input-major; input-major also for one-row forwards in a compiled
     step (`compiled`), which cannot use packed ones.  Nested calls add to the outer one's copies."""
+    linears, heads = list(linears), list(heads)
+    with _lock:
+        for w in [m.weight for m in linears if isinstance(m, nn.Linear)] + heads:
+            if not _eligible(w):
+                _cache.pop(w, None)  # e.g. the model was cast or moved since: its old copies are useless
     linears = [m for m in linears if type(m) is nn.Linear and _eligible(m.weight)]
     heads = [w for w in heads if _eligible(w)]
     # One row on one thread: input-major copies beat the packed ones; with more threads oneDNN's
@@ -155,16 +175,20 @@ def active(linears: Iterable[nn.Module], heads: Iterable[torch.Tensor], rows: in
     modules = dict(outer_modules or {})
     # An outer call's copy (more rows: a target sharing layers with its draft) stays.
     linears = [m for m in linears if m not in modules]
-    wanted = heads + [m.weight for m in linears]
-    cached = [_cache.get(w, {}).get(kind) for w in wanted]
-    keep = ({id(c) for kinds in copies.values() for c in kinds.values()} | {id(c) for _, c in modules.values()}
-            | {id(e[2]) for e in cached if e is not None})
-    _make_room(keep, sum(_nbytes(w) for w, e in zip(wanted, cached) if e is None))  # before building
-    with torch.no_grad():
+    wanted = {id(w): w for w in heads + [m.weight for m in linears]}
+    with _lock, torch.no_grad():
+        found = {key: _cached(w, kind) for key, w in wanted.items()}  # stale copies are gone from here on
+        keep = ({id(c) for kinds in copies.values() for c in kinds.values()} | {id(c) for _, c in modules.values()}
+                | {id(c) for c in found.values() if c is not None})
+        _make_room(keep, sum(_nbytes(w) for key, w in wanted.items() if found[key] is None))  # before building
+        for key, w in wanted.items():
+            if found[key] is None:
+                found[key] = _build(w, kind)
         for w in heads:
-            copies.setdefault(id(w), {})[kind] = _copy(w, kind)
+            copies.setdefault(id(w), {})[kind] = found[id(w)]
         for m in linears:
-            modules[m] = (kind, _copy(m.weight, kind))
+            modules[m] = (kind, found[id(m.weight)])
+        del found
     _state.copies, _state.modules = copies, modules
     try:
         yield
@@ -178,6 +202,12 @@ def form(weight: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
     return None if copies is None else copies.get(id(weight), {}).get(kind)
 
 
+def _global_hooks() -> bool:
+    """Whether hooks on every module's forward are registered (`register_module_forward_hook`)."""
+    m = nn.modules.module
+    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None))
+
+
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, through the copy `active` prepared for it when the call is plain fp32
     inference (a packed copy not inside torch.compile)."""
@@ -186,7 +216,7 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     modules = getattr(_state, "modules", None)
     prepared = None if not modules else modules.get(module)
     if (prepared is None or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
-            or module._forward_hooks or module._forward_pre_hooks):  # hooks see the module's own call
+            or module._forward_hooks or module._forward_pre_hooks or _global_hooks()):  # hooks see the call
         return module(x)
     kind, copy = prepared
     if kind == "input_major":  # also inside torch.compile: the copy is a graph input, read at every call

@@ -1,7 +1,8 @@
 """Prepared inference copies (modules/inference_weights.py): packed and input-major linears equal
 F.linear to float32 rounding, are used only for plain fp32 no-grad inference inside `active`, the kind
-follows the rows and threads, and a cached copy is never used after its weight changed, including
-through `.data` (no version bump)."""
+follows the rows and threads, and a cached copy is not used after its weight changed, including
+through `.data` (no version bump; changes below one float32 rounding step of a row's dot product with
+the fingerprint vector are the documented exception)."""
 from __future__ import annotations
 
 import threading
@@ -220,3 +221,65 @@ def test_clear_frees_the_copies_of_given_weights_or_all():
     assert a.weight not in iw._cache and b.weight in iw._cache
     iw.clear()
     assert b.weight not in iw._cache
+
+
+@torch.no_grad()
+def test_a_stale_copy_is_freed_before_its_replacement_is_built_and_not_held_during_the_call():
+    import weakref
+
+    layer = _layer()
+    with iw.active([layer], [], rows=4):
+        old = weakref.ref(iw._state.modules[layer][1])
+    layer.weight.mul_(2.0)
+    with iw.active([layer], [], rows=4):
+        assert old() is None  # only the new copy is alive while the call runs
+
+
+def test_weights_made_in_inference_mode_and_cast_models(tmp_path):
+    with torch.inference_mode():
+        layer = _layer()
+    x = torch.randn(4, 48)
+    with torch.no_grad(), iw.active([layer], [], rows=4):
+        torch.testing.assert_close(iw.linear(layer, x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+    plain = _layer()
+    with torch.no_grad(), iw.active([plain], [], rows=4):
+        pass
+    plain.to(torch.bfloat16)  # same Parameter objects, new data: the fp32 copies are of no use any more
+    with torch.no_grad(), iw.active([plain], [], rows=4):
+        assert plain.weight not in iw._cache and not iw._state.modules
+
+
+@torch.no_grad()
+def test_a_global_forward_hook_sees_every_projection():
+    layer, calls = _layer(), []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: calls.append(1))
+    try:
+        with iw.active([layer], [], rows=6):
+            iw.linear(layer, torch.randn(6, 48))
+    finally:
+        handle.remove()
+    assert calls == [1]
+
+
+def test_two_threads_generate_at_once(tmp_path):
+    """Two models (a model's KV cache is its own: one model is not shared between threads) preparing
+    and using their copies concurrently: the shared cache stays consistent."""
+    models = [build_pair(tmp_path / str(i), final_ln_scale=8.0)[0] for i in range(2)]
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    expected = models[0].generate(ids, max_new_tokens=6, pad_token_id=0)
+    iw.clear()
+    results, errors = [], []
+
+    def work(model):
+        try:
+            for _ in range(3):
+                results.append(model.generate(ids, max_new_tokens=6, pad_token_id=0))
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(m,)) for m in models]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors and len(results) == 6 and all(torch.equal(r, expected) for r in results)
